@@ -1,0 +1,247 @@
+"""The run directory: truth on disk, step-level caching and crash-safe stage commits.
+
+Each stage writes into ``<name>.partial/`` and is committed by renaming that folder to
+``<name>/`` after ``manifest.json`` and the ``.done`` marker are written. A stage is skipped only
+when ``<name>/.done`` exists and the manifest's cache key (stage version, settings digest, input
+digests) equals the key asked for, so a killed process can never leave something that is later
+taken as finished. A partial folder whose key matches is handed back to the stage, which may
+reuse the chunks it already committed there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+from harness.config import settings_digest
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+DONE = ".done"
+KEY = ".key"
+SCRATCH = "_scratch"
+LOGS = "logs"  # recorded in the manifest but left out of the output digest (timings differ per run)
+TRACKED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "datasketch", "numpy")
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tree_digests(root: Path, exclude: tuple[str, ...] = (MANIFEST, DONE, KEY)) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file below ``root`` (relative POSIX paths, sorted)."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel in exclude or rel.split("/")[0] == SCRATCH:
+            continue
+        out[rel] = {"sha256": file_digest(path), "bytes": path.stat().st_size}
+    return out
+
+
+def combine_digests(files: dict[str, dict[str, Any]]) -> str:
+    return settings_digest({k: v["sha256"] for k, v in files.items() if not k.startswith(LOGS + "/")})
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def package_versions(names: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """A committed stage: its folder and manifest."""
+
+    name: str
+    path: Path
+    manifest: dict[str, Any]
+    skipped: bool = False
+
+    @property
+    def digest(self) -> str:
+        return self.manifest["output_digest"]
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return self.manifest.get("stats", {})
+
+
+@dataclass
+class StageContext:
+    """What a stage function gets: where to write, and a scratch folder that is not an output."""
+
+    name: str
+    work: Path
+    settings: dict[str, Any]
+    inputs: dict[str, StageResult]
+    key: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def scratch(self) -> Path:
+        path = self.work / SCRATCH
+        path.mkdir(exist_ok=True)
+        return path
+
+
+StageFn = Callable[[StageContext], dict[str, Any]]
+
+
+class RunDir:
+    """One run's directory; ``stage`` runs or skips a stage by its cache key."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.results: dict[str, StageResult] = {}
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def cache_key(self, name: str, version: str, settings: dict, inputs: dict[str, StageResult]) -> str:
+        return settings_digest(
+            {
+                "stage": name,
+                "version": version,
+                "settings": settings,
+                "inputs": {k: v.digest for k, v in sorted(inputs.items())},
+            }
+        )
+
+    def load(self, name: str) -> StageResult | None:
+        """The committed result of a stage, or None if it is not finished."""
+        final = self.path(name)
+        if not (final / DONE).exists():
+            return None
+        manifest = json.loads((final / MANIFEST).read_text(encoding="utf-8"))
+        return StageResult(name, final, manifest, skipped=True)
+
+    def stage(
+        self,
+        name: str,
+        fn: StageFn,
+        *,
+        version: str,
+        settings: dict[str, Any],
+        inputs: dict[str, StageResult] | None = None,
+    ) -> StageResult:
+        inputs = inputs or {}
+        key = self.cache_key(name, version, settings, inputs)
+        final = self.path(name)
+        work = final.with_name(final.name + ".partial")
+
+        done = self.load(name)
+        if done is not None and done.manifest.get("cache_key") == key:
+            log.info("stage %s: cached (key %s), skipping", name, key)
+            self.results[name] = done
+            return done
+        if (work / DONE).exists() and _read(work / KEY) == key:
+            log.info("stage %s: finished before a crash, committing", name)
+            return self._commit(name, work, final)
+
+        if work.exists() and _read(work / KEY) != key:
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        (work / KEY).write_text(key)
+
+        log.info("stage %s: running (key %s)", name, key)
+        started = time.time()
+        ctx = StageContext(name=name, work=work, settings=settings, inputs=inputs, key=key)
+        stats = fn(ctx)
+        finished = time.time()
+
+        shutil.rmtree(work / SCRATCH, ignore_errors=True)
+        files = tree_digests(work)
+        manifest = {
+            "stage": name,
+            "version": version,
+            "cache_key": key,
+            "settings": settings,
+            "settings_digest": settings_digest(settings),
+            "inputs": {k: {"stage": v.name, "digest": v.digest} for k, v in inputs.items()},
+            "outputs": files,
+            "output_digest": combine_digests(files),
+            "stats": stats,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+            "seconds": round(finished - started, 3),
+            "packages": package_versions(),
+        }
+        write_json_atomic(work / MANIFEST, manifest)
+        (work / DONE).write_text(key)
+        return self._commit(name, work, final)
+
+    def _commit(self, name: str, work: Path, final: Path) -> StageResult:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(work, final)
+        result = StageResult(name, final, json.loads((final / MANIFEST).read_text(encoding="utf-8")))
+        self.results[name] = result
+        return result
+
+    def write_env(self) -> None:
+        """Record where and with what this run ran (git commit, packages, machine)."""
+        env = {
+            "python": sys.version,
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "git_commit": _git_commit(),
+            "packages": package_versions(),
+            "argv": sys.argv,
+        }
+        try:
+            import torch
+
+            env["torch_threads"] = torch.get_num_threads()
+            env["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        except Exception:  # noqa: BLE001 - env capture must never fail a run
+            pass
+        write_json_atomic(self.root / "env.json", env)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except Exception:  # noqa: BLE001
+        return None

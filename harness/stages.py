@@ -1,0 +1,210 @@
+"""Each pipeline stage as a cached, committed step of the run directory.
+
+A function here reads its inputs from upstream stage folders, calls the pure algorithm in
+``pipeline/``, and writes data, rejects and counts into its own folder. The settings it passes
+to :meth:`RunDir.stage` are exactly those that change its output.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.config import RunConfig
+from harness.rundir import RunDir, StageContext, StageResult, combine_digests, tree_digests
+from pipeline import augment, corpus, curate, data
+from pipeline.engine import TransformersEngine, bf16_supported
+from pipeline.finetune import finetune
+from pipeline.io import chunked_map, read_jsonl, write_jsonl
+from pipeline.models import load_model, load_tokenizer, resolve_base
+from pipeline.prompts import backward_messages, forward_messages
+
+log = logging.getLogger(__name__)
+
+MODEL = "model"
+
+
+def base_model(cfg: RunConfig) -> StageResult:
+    """The base model as a pseudo stage: its resolved location and a digest of its weights."""
+    resolved = resolve_base(cfg.model.base, cfg.model.revision)
+    path = Path(resolved)
+    if path.is_dir():
+        files = {k: v for k, v in tree_digests(path).items() if k.endswith((".safetensors", ".json", ".jinja"))}
+        digest = combine_digests(files)
+    else:
+        digest = f"{resolved}@{cfg.model.revision or 'main'}"
+    return StageResult("base", path, {"output_digest": digest, "resolved": resolved})
+
+
+def system_prompt(cfg: RunConfig) -> str | None:
+    ft = cfg.finetune
+    return {"seed": ft.seed_tag, "web": ft.web_tag, "both": f"{ft.seed_tag} {ft.web_tag}", "none": None}[ft.inference_tag]
+
+
+def make_engine(model_path: str, cfg: RunConfig, batch_size: int) -> TransformersEngine:
+    if cfg.engine.threads:
+        torch.set_num_threads(cfg.engine.threads)
+    model = load_model(model_path)
+    tokenizer = load_tokenizer(model_path, cfg.model.chat_template)
+    autocast = cfg.engine.bf16 == "on" or (cfg.engine.bf16 == "auto" and bf16_supported())
+    return TransformersEngine(model, tokenizer, batch_size=batch_size, autocast_bf16=autocast)
+
+
+def model_path(result: StageResult) -> str:
+    if result.name == "base":
+        return result.manifest["resolved"]
+    return str(result.path / MODEL)
+
+
+def _sources(paths: list[str], cfg: RunConfig) -> list[str]:
+    return [data.resolve_source(p, cfg.data.dir) for p in paths]
+
+
+def prepare_seed(run: RunDir, cfg: RunConfig) -> StageResult:
+    sources = _sources(cfg.seed.path, cfg)
+
+    def fn(ctx: StageContext) -> dict[str, Any]:
+        loaded = data.load_pairs(sources, cfg.seed.instruction_field, cfg.seed.response_field, cfg.seed.limit)
+        write_jsonl(ctx.work / "data.jsonl", loaded.rows)
+        write_jsonl(ctx.work / "rejects.jsonl", (r.as_row() for r in loaded.rejects))
+        return loaded.stats()
+
+    settings = {"seed": cfg.seed.model_dump(), "sources": {s: data.source_fingerprint(s) for s in sources}}
+    return run.stage("seed", fn, version="seed_v1", settings=settings)
+
+
+def prepare_corpus(run: RunDir, cfg: RunConfig) -> StageResult:
+    sources = _sources(cfg.unlabelled.path, cfg)
+
+    def fn(ctx: StageContext) -> dict[str, Any]:
+        docs = data.load_documents(sources, cfg.unlabelled.text_field, cfg.unlabelled.limit)
+        kept, removed, stats = corpus.prepare_corpus(docs.rows, cfg.corpus, cfg.run.seed)
+        if not kept:
+            raise data.DataError(f"no segment of {', '.join(sources)} survived corpus filtering: {stats['removed']}")
+        write_jsonl(ctx.work / "data.jsonl", kept)
+        write_jsonl(ctx.work / "removed.jsonl", removed)
+        write_jsonl(ctx.work / "rejects.jsonl", (r.as_row() for r in docs.rejects))
+        return {**stats, "documents_rejected": len(docs.rejects)}
+
+    settings = {
+        "unlabelled": cfg.unlabelled.model_dump(),
+        "corpus": cfg.corpus.model_dump(),
+        "seed": cfg.run.seed,
+        "sources": {s: data.source_fingerprint(s) for s in sources},
+    }
+    return run.stage("corpus", fn, version="corpus_v1", settings=settings)
+
+
+def train(run: RunDir, name: str, chats_fn, cfg: RunConfig, section: str, inputs: dict[str, StageResult]) -> StageResult:
+    """A fine-tuning stage; ``chats_fn(inputs)`` builds the training chats from upstream data."""
+    train_cfg = getattr(cfg, section)
+
+    def fn(ctx: StageContext) -> dict[str, Any]:
+        chats = chats_fn(ctx.inputs)
+        stats = finetune(
+            model_path(ctx.inputs["base"]), chats, train_cfg, ctx.work / MODEL, ctx.scratch,
+            seed=cfg.run.seed, chat_template=cfg.model.chat_template,
+        )
+        return {"train_pairs": len(chats), **stats}
+
+    settings = {
+        "train": {k: v for k, v in train_cfg.model_dump().items() if k != "inference_tag"},
+        "chat_template": cfg.model.chat_template,
+        "seed": cfg.run.seed,
+    }
+    return run.stage(name, fn, version="sft_v1", settings=settings, inputs=inputs)
+
+
+def train_backward(run: RunDir, cfg: RunConfig, seed: StageResult, base: StageResult) -> StageResult:
+    def chats(inputs):
+        return [
+            backward_messages(r["response"], cfg.backward.template) + [{"role": "assistant", "content": r["instruction"]}]
+            for r in read_jsonl(inputs["seed"].path / "data.jsonl")
+        ]
+
+    return train(run, "backward", chats, cfg, "backward", {"seed": seed, "base": base})
+
+
+def train_forward(
+    run: RunDir, cfg: RunConfig, iteration: int, seed: StageResult, base: StageResult, selected: StageResult | None
+) -> StageResult:
+    """M_t: seed pairs tagged as assistant answers, selected pairs tagged as web knowledge."""
+    ft = cfg.finetune
+
+    def chats(inputs):
+        rows = [(r, ft.seed_tag) for r in read_jsonl(inputs["seed"].path / "data.jsonl")]
+        if "selected" in inputs:
+            rows += [(r, ft.web_tag) for r in read_jsonl(inputs["selected"].path / "data.jsonl")]
+        return [
+            forward_messages(r["instruction"], tag) + [{"role": "assistant", "content": r["response"]}]
+            for r, tag in rows
+        ]
+
+    inputs = {"seed": seed, "base": base} | ({"selected": selected} if selected is not None else {})
+    return train(run, f"iter_{iteration:02d}/finetune", chats, cfg, "finetune", inputs)
+
+
+def augment_corpus(run: RunDir, cfg: RunConfig, segments: StageResult, backward: StageResult) -> StageResult:
+    def fn(ctx: StageContext) -> dict[str, Any]:
+        rows = read_jsonl(ctx.inputs["corpus"].path / "data.jsonl")
+        engine = make_engine(model_path(ctx.inputs["backward"]), cfg, cfg.augment.batch_size)
+        out = chunked_map(
+            rows,
+            lambda i, chunk: augment.generate_instructions(
+                engine, chunk, cfg.augment, cfg.backward.template, seed=cfg.run.seed * 100_003 + i
+            ),
+            work=ctx.scratch / "progress", chunk_size=cfg.augment.chunk_size, desc="augment",
+        )
+        kept = [r for r in out if r["rejected"] is None]
+        write_jsonl(ctx.work / "candidates.jsonl", ({k: v for k, v in r.items() if k != "rejected"} for r in kept))
+        write_jsonl(ctx.work / "rejects.jsonl", (r for r in out if r["rejected"] is not None))
+        reasons: dict[str, int] = {}
+        for r in out:
+            if r["rejected"]:
+                reasons[r["rejected"]] = reasons.get(r["rejected"], 0) + 1
+        if not kept:
+            raise RuntimeError(f"augmentation produced no usable instruction for {len(out)} segments: {reasons}")
+        return {"segments": len(out), "generated": len(kept), "rejected": dict(sorted(reasons.items())),
+                "new_tokens": engine.stats["new_tokens"]}
+
+    settings = {"augment": cfg.augment.model_dump(), "template": cfg.backward.template, "seed": cfg.run.seed,
+                "engine_bf16": cfg.engine.bf16}
+    return run.stage("augment", fn, version="augment_v1", settings=settings,
+                     inputs={"corpus": segments, "backward": backward})
+
+
+def curate_candidates(run: RunDir, cfg: RunConfig, iteration: int, candidates: StageResult, model: StageResult) -> StageResult:
+    system = system_prompt(cfg)
+
+    def fn(ctx: StageContext) -> dict[str, Any]:
+        pairs = read_jsonl(ctx.inputs["candidates"].path / "candidates.jsonl")
+        engine = make_engine(model_path(ctx.inputs["model"]), cfg, cfg.curate.batch_size)
+        scores = chunked_map(
+            pairs,
+            lambda i, chunk: curate.score_pairs(engine, chunk, cfg.curate, system, seed=cfg.run.seed * 100_003 + i),
+            work=ctx.scratch / "progress", chunk_size=cfg.curate.chunk_size, desc=f"curate iter {iteration}",
+        )
+        write_jsonl(ctx.work / "scores.jsonl", scores)
+        values = [s["score"] for s in scores]
+        unscored = sum(v is None for v in values)
+        return {"pairs": len(scores), "histogram": curate.score_histogram(values), "unscored": unscored,
+                "unscored_rate": round(unscored / len(scores), 4) if scores else 0.0, "mode": cfg.curate.mode}
+
+    settings = {"curate": cfg.curate.model_dump(), "system": system, "seed": cfg.run.seed, "engine_bf16": cfg.engine.bf16}
+    return run.stage(f"iter_{iteration:02d}/curate", fn, version="curate_v1", settings=settings,
+                     inputs={"candidates": candidates, "model": model})
+
+
+def select_candidates(run: RunDir, cfg: RunConfig, iteration: int, candidates: StageResult, scores: StageResult) -> StageResult:
+    def fn(ctx: StageContext) -> dict[str, Any]:
+        pairs = read_jsonl(ctx.inputs["candidates"].path / "candidates.jsonl")
+        scored = read_jsonl(ctx.inputs["scores"].path / "scores.jsonl")
+        kept, stats = curate.select_pairs(pairs, scored, cfg.select)
+        write_jsonl(ctx.work / "data.jsonl", kept)
+        return stats
+
+    return run.stage(f"iter_{iteration:02d}/select", fn, version="select_v1", settings={"select": cfg.select.model_dump()},
+                     inputs={"candidates": candidates, "scores": scores})

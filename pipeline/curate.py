@@ -1,0 +1,86 @@
+"""Self-curation: the current model rates candidate pairs on the 5-point rubric; selection keeps
+pairs that score at least k.
+
+Two scoring modes. ``generate`` follows the paper: the model writes a short justification and
+then "Score: N"; only its own continuation is parsed, and a rating that does not parse is
+recorded as unscored (None), never given a default. ``logprob`` reads, in one forward pass, the
+probabilities of the five score tokens after "Score:" and reports the expected score, so
+fractional thresholds such as 4.5 mean something.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Sequence
+
+from harness.config import CurateSection, SelectSection
+from pipeline.engine import Engine, SamplingParams
+from pipeline.prompts import curation_messages, parse_score
+
+SCORES = ("1", "2", "3", "4", "5")
+LOGPROB_PREFIX = "Score:"
+
+
+def score_pairs(
+    engine: Engine, pairs: Sequence[dict[str, Any]], cfg: CurateSection, system: str | None, seed: int
+) -> list[dict[str, Any]]:
+    """One row per pair with ``score`` (None when unscored) and the evidence behind it."""
+    if cfg.mode == "generate":
+        chats = [curation_messages(p["instruction"], p["response"], cfg.template, system) for p in pairs]
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
+        completions = engine.generate(chats, params)
+        return [
+            {"segment_id": p["segment_id"], "score": parse_score(c.text), "rating_text": c.text, "finished": c.finished}
+            for p, c in zip(pairs, completions)
+        ]
+    template = cfg.template if cfg.template.startswith("curation_rubric_logprob") else "curation_rubric_logprob_v1"
+    chats = [curation_messages(p["instruction"], p["response"], template, system) for p in pairs]
+    probs = engine.choice_probs(chats, LOGPROB_PREFIX, [" " + s for s in SCORES])
+    rows = []
+    for p, ps in zip(pairs, probs):
+        mass = sum(ps)
+        scored = mass > 0 and mass >= cfg.min_choice_mass
+        expected = sum((i + 1) * q for i, q in enumerate(ps)) / mass if scored else None
+        rows.append(
+            {
+                "segment_id": p["segment_id"],
+                "score": round(expected, 4) if expected is not None else None,
+                "probs": [round(q, 6) for q in ps],
+                "choice_mass": round(mass, 6),
+            }
+        )
+    return rows
+
+
+def score_histogram(scores: Sequence[float | None]) -> dict[str, int]:
+    """Counts per rounded score 1-5, plus ``unscored``."""
+    hist = Counter("unscored" if s is None else str(min(5, max(1, int(s + 0.5)))) for s in scores)
+    return {key: hist.get(key, 0) for key in (*SCORES, "unscored")}
+
+
+def select_pairs(
+    candidates: Sequence[dict[str, Any]], scores: Sequence[dict[str, Any]], cfg: SelectSection
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Pairs scoring at least ``k`` (best first if ``max_pairs`` caps them), and counts."""
+    by_id = {s["segment_id"]: s["score"] for s in scores}
+    missing = [c["segment_id"] for c in candidates if c["segment_id"] not in by_id]
+    if missing:
+        raise ValueError(f"{len(missing)} candidates have no score, e.g. {missing[:3]}")
+    kept = [dict(c, score=by_id[c["segment_id"]]) for c in candidates
+            if by_id[c["segment_id"]] is not None and by_id[c["segment_id"]] >= cfg.k]
+    capped = 0
+    if cfg.max_pairs is not None and len(kept) > cfg.max_pairs:
+        order = sorted(range(len(kept)), key=lambda i: (-kept[i]["score"], i))[: cfg.max_pairs]
+        capped = len(kept) - cfg.max_pairs
+        kept = [kept[i] for i in sorted(order)]
+    unscored = sum(1 for c in candidates if by_id[c["segment_id"]] is None)
+    stats = {
+        "candidates": len(candidates),
+        "selected": len(kept),
+        "below_k": len(candidates) - unscored - len(kept) - capped,
+        "unscored": unscored,
+        "capped": capped,
+        "k": cfg.k,
+        "keep_rate": round(len(kept) / len(candidates), 4) if candidates else 0.0,
+    }
+    return kept, stats

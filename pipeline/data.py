@@ -1,0 +1,270 @@
+"""Reading seed pairs and unlabelled documents, with every bad record accounted for.
+
+Sources are files (JSONL, JSON, CSV, Parquet), ``hub:<dataset>[:split]`` ids, packaged
+``resource:<file>`` names, or ``pydoc:topics`` (the language reference shipped with Python).
+A record that cannot be used becomes a :class:`Reject` naming its file, line and reason; the
+loaders raise :class:`DataError` only when nothing usable remains.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator
+
+PREVIEW_CHARS = 200
+
+
+class DataError(ValueError):
+    """Input data is unusable; the message names the file(s)."""
+
+
+@dataclass(frozen=True)
+class Reject:
+    file: str
+    line: int | None
+    reason: str
+    preview: str = ""
+
+    def as_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Record:
+    file: str
+    line: int | None
+    data: dict[str, Any]
+
+
+def resolve_source(spec: str, data_dir: str | Path | None) -> str:
+    """Turn a config path into something :func:`read_source` opens (relative to ``data_dir``)."""
+    if spec.startswith(("hub:", "resource:", "pydoc:")):
+        return spec
+    path = Path(spec).expanduser()
+    if not path.is_absolute() and data_dir is not None:
+        path = Path(data_dir).expanduser() / path
+    return str(path)
+
+
+def source_fingerprint(spec: str) -> str:
+    """What identifies a source's content: a file's sha256, else the spec (and Python version
+    for ``pydoc:``), so a changed file reruns the stages that read it."""
+    if spec.startswith("pydoc:"):
+        import sys
+
+        return f"{spec}@{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+    if spec.startswith("resource:"):
+        ref = resources.files("harness") / "resources" / spec[len("resource:") :]
+        return hashlib.sha256(ref.read_bytes()).hexdigest() if ref.is_file() else spec
+    path = Path(spec)
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return spec
+
+
+def read_source(spec: str) -> Iterator[Record | Reject]:
+    """Yield the records of one source, or rejects for lines that cannot be parsed."""
+    if spec.startswith("hub:"):
+        yield from _read_hub(spec[4:])
+        return
+    if spec.startswith("pydoc:"):
+        yield from _read_pydoc(spec)
+        return
+    if spec.startswith("resource:"):
+        name = spec[len("resource:") :]
+        ref = resources.files("harness") / "resources" / name
+        if not ref.is_file():
+            raise DataError(f"{spec}: no packaged resource named {name!r}")
+        yield from _read_bytes(spec, name, ref.read_bytes())
+        return
+    path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"{spec}: file not found")
+    yield from _read_bytes(spec, path.name, path.read_bytes())
+
+
+def _read_bytes(label: str, name: str, raw: bytes) -> Iterator[Record | Reject]:
+    suffix = name.lower().rsplit(".", 1)[-1]
+    if suffix in ("jsonl", "ndjson"):
+        yield from _read_jsonl(label, raw)
+    elif suffix == "json":
+        yield from _read_json(label, raw)
+    elif suffix == "csv":
+        yield from _read_csv(label, raw)
+    elif suffix == "parquet":
+        yield from _read_parquet(label, raw)
+    else:
+        raise DataError(f"{label}: unknown format {suffix!r} (use .jsonl, .json, .csv or .parquet)")
+
+
+def _read_jsonl(label: str, raw: bytes) -> Iterator[Record | Reject]:
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield Reject(label, lineno, f"not UTF-8: {exc.reason} at byte {exc.start}", _preview(line))
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield Reject(label, lineno, f"malformed JSON: {exc.msg}", _preview(text))
+            continue
+        if not isinstance(obj, dict):
+            yield Reject(label, lineno, f"record is a JSON {type(obj).__name__}, not an object", _preview(text))
+            continue
+        yield Record(label, lineno, obj)
+
+
+def _read_json(label: str, raw: bytes) -> Iterator[Record | Reject]:
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{label}: not a valid UTF-8 JSON document: {exc}") from exc
+    if isinstance(obj, dict):
+        lists = [v for v in obj.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{label}: expected a list of records or an object holding one list")
+        obj = lists[0]
+    if not isinstance(obj, list):
+        raise DataError(f"{label}: expected a list of records, got {type(obj).__name__}")
+    for index, item in enumerate(obj):
+        if isinstance(item, dict):
+            yield Record(label, index, item)
+        else:
+            yield Reject(label, index, f"record is a JSON {type(item).__name__}, not an object", _preview(item))
+
+
+def _read_csv(label: str, raw: bytes) -> Iterator[Record | Reject]:
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{label}: not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        for row in reader:
+            if None in row:
+                yield Reject(label, reader.line_num, "row has more cells than the header", _preview(row))
+                continue
+            yield Record(label, reader.line_num, dict(row))
+    except csv.Error as exc:
+        yield Reject(label, reader.line_num, f"malformed CSV: {exc}")
+
+
+def _read_parquet(label: str, raw: bytes) -> Iterator[Record | Reject]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(raw))
+    for index, row in enumerate(table.to_pylist()):
+        yield Record(label, index, row)
+
+
+def _read_hub(spec: str) -> Iterator[Record | Reject]:
+    import datasets
+
+    name, _, split = spec.partition(":")
+    ds = datasets.load_dataset(name, split=split or "train")
+    for index, row in enumerate(ds):
+        yield Record(f"hub:{spec}", index, dict(row))
+
+
+def _read_pydoc(spec: str) -> Iterator[Record | Reject]:
+    if spec != "pydoc:topics":
+        raise DataError(f"{spec}: only 'pydoc:topics' is known")
+    from pydoc_data.topics import topics
+
+    for index, (topic, text) in enumerate(sorted(topics.items())):
+        yield Record(spec, index, {"text": text, "topic": topic})
+
+
+def _preview(value: Any) -> str:
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return text[:PREVIEW_CHARS]
+
+
+def _text_field(record: Record, field: str) -> str | Reject:
+    if field not in record.data:
+        return Reject(record.file, record.line, f"missing field {field!r}", _preview(record.data))
+    value = record.data[field]
+    if not isinstance(value, str):
+        return Reject(record.file, record.line, f"field {field!r} is {type(value).__name__}, not text", _preview(value))
+    if "\x00" in value:
+        return Reject(record.file, record.line, f"field {field!r} contains NUL bytes", _preview(value))
+    if not value.strip():
+        return Reject(record.file, record.line, f"field {field!r} is empty", "")
+    return value.strip()
+
+
+@dataclass
+class Loaded:
+    rows: list[dict[str, Any]]
+    rejects: list[Reject]
+
+    def stats(self) -> dict[str, Any]:
+        reasons = Counter(_reason_kind(r.reason) for r in self.rejects)
+        return {"kept": len(self.rows), "rejected": len(self.rejects), "reject_reasons": dict(sorted(reasons.items()))}
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":")[0]
+
+
+def load_pairs(
+    sources: list[str], instruction_field: str, response_field: str, limit: int | None = None
+) -> Loaded:
+    """Seed (instruction, response) pairs from every source, with rejects."""
+    rows: list[dict[str, Any]] = []
+    rejects: list[Reject] = []
+    seen: set[tuple[str, str]] = set()
+    for source in sources:
+        for item in read_source(source):
+            if isinstance(item, Reject):
+                rejects.append(item)
+                continue
+            instruction = _text_field(item, instruction_field)
+            response = _text_field(item, response_field)
+            bad = next((x for x in (instruction, response) if isinstance(x, Reject)), None)
+            if bad is not None:
+                rejects.append(bad)
+                continue
+            if (instruction, response) in seen:
+                rejects.append(Reject(item.file, item.line, "duplicate pair", _preview(instruction)))
+                continue
+            seen.add((instruction, response))
+            rows.append({"instruction": instruction, "response": response, "origin": f"{item.file}:{item.line}"})
+    if limit is not None:
+        rows = rows[:limit]
+    if not rows:
+        raise DataError(f"no usable seed pairs in {', '.join(sources)} ({len(rejects)} rejected; first: "
+                        f"{rejects[0].reason if rejects else 'no records'})")
+    return Loaded(rows, rejects)
+
+
+def load_documents(sources: list[str], text_field: str, limit: int | None = None) -> Loaded:
+    """Unlabelled documents from every source, with rejects."""
+    rows: list[dict[str, Any]] = []
+    rejects: list[Reject] = []
+    for source in sources:
+        for item in read_source(source):
+            if limit is not None and len(rows) >= limit:
+                break
+            if isinstance(item, Reject):
+                rejects.append(item)
+                continue
+            text = _text_field(item, text_field)
+            if isinstance(text, Reject):
+                rejects.append(text)
+                continue
+            rows.append({"doc_id": f"{item.file}:{item.line}", "text": text})
+    if not rows:
+        raise DataError(f"no usable documents in {', '.join(sources)} ({len(rejects)} rejected; first: "
+                        f"{rejects[0].reason if rejects else 'no records'})")
+    return Loaded(rows, rejects)

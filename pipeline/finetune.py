@@ -1,0 +1,209 @@
+"""Supervised fine-tuning with transformers' Trainer: LoRA (peft) or full, loss on responses only.
+
+Every example is a chat whose last message is the assistant's target. The prompt part (all
+messages before it, rendered with the model's chat template) carries label -100; only the target
+and the template's end-of-turn marker are learned.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from datasets import Dataset
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+
+from harness.config import TrainSection
+from pipeline.engine import bf16_supported
+from pipeline.models import load_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+MIN_TARGET_TOKENS = 16
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    shortened: bool
+    truncated: bool
+
+
+def encode_example(
+    messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, max_len: int
+) -> Encoded | None:
+    """Token ids and labels for one chat; None when no target token fits.
+
+    If the prompt alone leaves fewer than ``MIN_TARGET_TOKENS`` for the target, the last user
+    message is shortened (its end replaced by "..."); the full sequence is then cut at
+    ``max_len``. Both are reported so callers can count them.
+    """
+    if messages[-1]["role"] != "assistant":
+        raise ValueError("the last message of a training chat must be the assistant's target")
+    prompt_msgs = [dict(m) for m in messages[:-1]]
+    shortened = False
+    for _ in range(4):
+        prompt = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+        n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if n_prompt <= max_len - MIN_TARGET_TOKENS:
+            break
+        user = prompt_msgs[-1]["content"]
+        keep = max(0, int(len(user) * (max_len - MIN_TARGET_TOKENS) / n_prompt) - 64)
+        prompt_msgs[-1]["content"] = user[:keep].rstrip() + " ..."
+        shortened = True
+    else:
+        return None
+    full = tokenizer.apply_chat_template(prompt_msgs + [messages[-1]], tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("chat template does not render the prompt as a prefix of the full chat; "
+                         "set model.chat_template to one that does")
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels = [IGNORE if start < len(prompt) else tok for tok, (start, _) in zip(ids, enc["offset_mapping"])]
+    truncated = len(ids) > max_len
+    ids, labels = ids[:max_len], labels[:max_len]
+    if all(x == IGNORE for x in labels):
+        return None
+    return Encoded(ids, labels, shortened, truncated)
+
+
+def build_dataset(chats: Sequence[list[dict[str, str]]], tokenizer, max_len: int) -> tuple[Dataset, dict[str, int]]:
+    rows: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
+    counts = {"examples": 0, "shortened_prompt": 0, "truncated": 0, "dropped_no_target": 0, "target_tokens": 0, "tokens": 0}
+    for chat in chats:
+        enc = encode_example(chat, tokenizer, max_len)
+        if enc is None:
+            counts["dropped_no_target"] += 1
+            continue
+        rows["input_ids"].append(enc.input_ids)
+        rows["labels"].append(enc.labels)
+        rows["length"].append(len(enc.input_ids))
+        counts["examples"] += 1
+        counts["shortened_prompt"] += enc.shortened
+        counts["truncated"] += enc.truncated
+        counts["tokens"] += len(enc.input_ids)
+        counts["target_tokens"] += sum(1 for x in enc.labels if x != IGNORE)
+    if not rows["input_ids"]:
+        raise ValueError("no training example has a target token within max_seq_len")
+    return Dataset.from_dict(rows), counts
+
+
+def use_bf16(setting: str) -> bool:
+    return setting == "on" or (setting == "auto" and bf16_supported())
+
+
+def finetune(
+    base: str,
+    chats: Sequence[list[dict[str, str]]],
+    cfg: TrainSection,
+    out_dir: Path,
+    scratch: Path,
+    seed: int,
+    chat_template: str | None = None,
+) -> dict[str, Any]:
+    """Fine-tune ``base`` on ``chats`` and save the result (a LoRA adapter or full weights,
+    safetensors) plus the tokenizer to ``out_dir``. Returns training statistics."""
+    set_seed(seed)
+    tokenizer = load_tokenizer(base, chat_template)
+    tokenizer.padding_side = "right"
+    dataset, counts = build_dataset(chats, tokenizer, cfg.max_seq_len)
+    bf16 = use_bf16(cfg.bf16)
+    model = load_model(base, dtype=torch.float32)
+    if cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                task_type="CAUSAL_LM",
+                r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                target_modules=list(cfg.lora_target_modules),
+                layers_to_transform=_top_layers(model, cfg.lora_layers),
+            ),
+        )
+    args = TrainingArguments(
+        output_dir=str(scratch / "trainer"),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of total steps (transformers 5)
+        weight_decay=cfg.weight_decay,
+        optim="adamw_torch",
+        bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        length_column_name="length",
+        save_strategy="steps" if cfg.save_steps > 0 else "no",
+        save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
+        save_only_model=False,
+        logging_steps=cfg.logging_steps,
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=False,
+    )
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE, return_tensors="pt")
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer)
+    checkpoints = sorted((scratch / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    resume = str(checkpoints[-1]) if checkpoints else None
+    if resume:
+        log.info("resuming training from %s", resume)
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.time() - started
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer.model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(out_dir)
+    if cfg.method == "lora":
+        _point_adapter_at(out_dir, base)
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    (out_dir.parent / "logs").mkdir(exist_ok=True)
+    with open(out_dir.parent / "logs" / "train_log.jsonl", "w", encoding="utf-8") as fh:
+        for h in trainer.state.log_history:
+            fh.write(json.dumps(h) + "\n")
+    epochs = cfg.epochs if cfg.max_steps <= 0 else cfg.max_steps * cfg.batch_size * cfg.grad_accum / max(1, counts["examples"])
+    return {
+        **counts,
+        "method": cfg.method,
+        "bf16": bf16,
+        "steps": trainer.state.global_step,
+        "first_loss": history[0]["loss"] if history else None,
+        "final_loss": history[-1]["loss"] if history else None,
+        "train_loss": result.training_loss,
+        "seconds": round(seconds, 2),
+        "tokens_per_second": round(counts["tokens"] * epochs / seconds, 1) if seconds > 0 else None,
+        "resumed_from": resume,
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+    }
+
+
+def _top_layers(model, n: int | None) -> list[int] | None:
+    if n is None:
+        return None
+    total = model.config.num_hidden_layers
+    return list(range(max(0, total - n), total))
+
+
+def _point_adapter_at(out_dir: Path, base: str) -> None:
+    """Record the resolved base path in the adapter config, so loading needs no other state."""
+    path = out_dir / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["base_model_name_or_path"] = base
+    path.write_text(json.dumps(cfg, indent=2))
+

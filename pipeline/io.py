@@ -1,0 +1,73 @@
+"""Small, crash-safe file helpers shared by the stages."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Write rows to ``path`` via a temporary file and an atomic rename; returns the row count."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    os.replace(tmp, path)
+    return n
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def iter_chunks(items: Sequence[T], size: int) -> Iterator[tuple[int, Sequence[T]]]:
+    for index, start in enumerate(range(0, len(items), size)):
+        yield index, items[start : start + size]
+
+
+def chunked_map(
+    items: Sequence[T],
+    fn: Callable[[int, Sequence[T]], list[dict[str, Any]]],
+    *,
+    work: Path,
+    chunk_size: int,
+    desc: str,
+) -> list[dict[str, Any]]:
+    """Apply ``fn`` chunk by chunk, committing each chunk's rows to ``work/chunks/NNNNN.jsonl``.
+
+    Chunks already on disk (from a run that crashed with the same cache key) are read back
+    instead of recomputed, so a crash loses at most the chunk in flight. ``fn`` gets the chunk
+    index so it can derive a per-chunk random seed; results are then identical whether or not
+    the run was interrupted.
+    """
+    chunk_dir = work / "chunks"
+    chunk_dir.mkdir(parents=True, exist_ok=True)
+    reused = len(list(chunk_dir.glob("*.jsonl")))
+    if reused:
+        log.info("%s: reusing %d chunk(s) committed before an interruption", desc, reused)
+    out: list[dict[str, Any]] = []
+    with tqdm(total=len(items), desc=desc, unit="item") as bar:
+        for index, chunk in iter_chunks(items, chunk_size):
+            path = chunk_dir / f"{index:05d}.jsonl"
+            if path.exists():
+                rows = read_jsonl(path)
+            else:
+                rows = fn(index, chunk)
+                if len(rows) != len(chunk):
+                    raise RuntimeError(f"{desc}: chunk {index} returned {len(rows)} rows for {len(chunk)} items")
+                write_jsonl(path, rows)
+            out.extend(rows)
+            bar.update(len(chunk))
+    return out

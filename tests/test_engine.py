@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from pipeline.engine import SamplingParams, TransformersEngine
+from pipeline.models import load_model, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    return TransformersEngine(load_model(str(tiny_model)), load_tokenizer(str(tiny_model)), batch_size=3)
+
+
+CHATS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Explain tides in one long sentence please."}],
+    [{"role": "user", "content": "What is the capital of France, and why is it that city?"}],
+    [{"role": "user", "content": "Count to three."}],
+]
+
+
+def test_batched_greedy_equals_one_at_a_time(engine):
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    batched = engine.generate(CHATS, params)
+    single = [engine.generate([c], params)[0] for c in CHATS]
+    assert [c.text for c in batched] == [c.text for c in single]
+    assert all(c.new_tokens <= 12 for c in batched)
+
+
+def test_sampling_is_reproducible_by_seed(engine):
+    a = engine.generate(CHATS, SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3))
+    b = engine.generate(CHATS, SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3))
+    assert [x.text for x in a] == [x.text for x in b]
+
+
+def test_stop_strings_cut_and_mark_finished(engine):
+    out = engine.generate(CHATS[:1], SamplingParams(max_new_tokens=20))[0]
+    if len(out.text) < 3:
+        pytest.skip("tiny model produced too little text to cut")
+    stop = out.text[1:3]
+    cut = engine.generate(CHATS[:1], SamplingParams(max_new_tokens=20, stop=(stop,)))[0]
+    assert stop not in cut.text and cut.finished
+    assert out.text.startswith(cut.text)
+
+
+def test_choice_probs_match_a_manual_forward_pass(engine):
+    choices = [" 1", " 2", " 3", " 4", " 5"]
+    probs = engine.choice_probs(CHATS, "Score:", choices)
+    assert len(probs) == len(CHATS) and all(len(p) == 5 for p in probs)
+    assert all(0 < sum(p) <= 1 + 1e-6 for p in probs)
+    # The same numbers from an unbatched, unpadded forward pass.
+    tok = engine.tokenizer
+    for chat, got in zip(CHATS, probs):
+        feed, heads = engine._split_choices(engine.render(chat), "Score:", choices)
+        with torch.no_grad():
+            logits = engine.model(input_ids=torch.tensor([feed])).logits[0, -1]
+        want = torch.softmax(logits.float(), -1)[heads].tolist()
+        assert got == pytest.approx(want, abs=1e-5)
+        assert tok.decode(feed).endswith("Score:") or tok.decode(feed + [heads[0]]).endswith("Score: 1")
+
+
+def test_choices_must_differ(engine):
+    with pytest.raises(ValueError, match="distinct"):
+        engine.choice_probs(CHATS[:1], "Score:", [" 1", " 1"])

@@ -1,0 +1,96 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harness.config import TrainSection
+from pipeline.finetune import IGNORE, encode_example, finetune
+from pipeline.models import is_adapter, load_model, load_tokenizer
+
+CHATS = [
+    [{"role": "system", "content": "Answer in the style of an AI Assistant."},
+     {"role": "user", "content": f"Question number {i}: what is {i} plus {i}?"},
+     {"role": "assistant", "content": f"{i} plus {i} is {2 * i}. Adding a number to itself doubles it."}]
+    for i in range(12)
+]
+
+
+def test_prompt_tokens_carry_ignore_label(tiny_model):
+    tok = load_tokenizer(str(tiny_model))
+    enc = encode_example(CHATS[0], tok, max_len=512)
+    prompt = tok.apply_chat_template(CHATS[0][:-1], tokenize=False, add_generation_prompt=True)
+    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert enc.labels[:n_prompt] == [IGNORE] * n_prompt
+    assert enc.labels[n_prompt:] == enc.input_ids[n_prompt:]
+    assert tok.decode([t for t in enc.labels if t != IGNORE]).startswith("0 plus 0 is 0.")
+    assert tok.decode(enc.labels[-2:]).strip().endswith("<|im_end|>")  # learns to stop
+
+
+def test_long_prompt_is_shortened_so_target_survives(tiny_model):
+    tok = load_tokenizer(str(tiny_model))
+    chat = [{"role": "user", "content": "word " * 2000}, {"role": "assistant", "content": "Short instruction?"}]
+    enc = encode_example(chat, tok, max_len=128)
+    assert enc.shortened and len(enc.input_ids) <= 128
+    assert "Short instruction?" in tok.decode([t for t in enc.labels if t != IGNORE])
+
+
+def test_long_target_is_truncated_and_counted(tiny_model):
+    tok = load_tokenizer(str(tiny_model))
+    chat = [{"role": "user", "content": "Write a lot."}, {"role": "assistant", "content": "many words " * 500}]
+    enc = encode_example(chat, tok, max_len=64)
+    assert enc.truncated and not enc.shortened and len(enc.input_ids) == 64
+
+
+def _train(tiny_model, tmp_path, **overrides):
+    cfg = TrainSection(max_steps=4, batch_size=4, learning_rate=5e-3, logging_steps=1, bf16="off",
+                       lora_target_modules=["q_proj", "v_proj"], **overrides)
+    stats = finetune(str(tiny_model), CHATS, cfg, tmp_path / "model", tmp_path / "scratch", seed=0)
+    return cfg, stats
+
+
+def test_lora_trains_adapter_only(tiny_model, tmp_path):
+    _, stats = _train(tiny_model, tmp_path)
+    out = tmp_path / "model"
+    assert is_adapter(out)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model)
+    adapter = load_file(out / "adapter_model.safetensors")
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # lora_B starts at zero: it moved
+    base_before = load_model(str(tiny_model)).state_dict()
+    base_file = load_file(tiny_model / "model.safetensors")
+    for name, tensor in base_file.items():
+        assert torch.equal(tensor, base_before[name])  # base weights on disk untouched
+    merged = load_model(str(out))
+    changed = [n for n, p in merged.state_dict().items() if n in base_before and not torch.equal(p, base_before[n])]
+    assert changed and all(("q_proj" in n or "v_proj" in n) for n in changed)
+    assert stats["steps"] == 4 and stats["examples"] == 12
+    assert (tmp_path / "logs" / "train_log.jsonl").exists()
+
+
+def test_full_finetune_changes_every_weight(tiny_model, tmp_path):
+    _, stats = _train(tiny_model, tmp_path, method="full")
+    before = load_model(str(tiny_model)).state_dict()
+    after = load_model(str(tmp_path / "model")).state_dict()
+    unchanged = [n for n in before if torch.equal(before[n], after[n])]
+    assert not unchanged, unchanged
+    assert stats["final_loss"] < stats["first_loss"]
+
+
+def test_lora_layers_restricts_to_top_layers(tiny_model, tmp_path):
+    _train(tiny_model, tmp_path, lora_layers=1)
+    adapter = load_file(tmp_path / "model" / "adapter_model.safetensors")
+    assert adapter and all(".layers.1." in k for k in adapter)
+
+
+def test_loss_decreases_on_repeated_data(tiny_model, tmp_path):
+    cfg = TrainSection(max_steps=15, batch_size=4, learning_rate=1e-2, logging_steps=1, bf16="off", method="full",
+                       warmup_ratio=0.0, lr_scheduler="constant")
+    stats = finetune(str(tiny_model), CHATS[:4], cfg, tmp_path / "model", tmp_path / "scratch", seed=0)
+    assert stats["final_loss"] < 0.8 * stats["first_loss"]
+
+
+@pytest.mark.parametrize("bad", [[{"role": "user", "content": "no target"}]])
+def test_chat_must_end_with_assistant(tiny_model, bad):
+    with pytest.raises(ValueError, match="assistant"):
+        encode_example(bad, load_tokenizer(str(tiny_model)), 64)

@@ -1,0 +1,97 @@
+import json
+
+import pytest
+
+from harness.rundir import DONE, MANIFEST, RunDir
+
+
+def _writer(calls, text="x"):
+    def fn(ctx):
+        calls.append(ctx.name)
+        (ctx.work / "out.txt").write_text(text)
+        (ctx.scratch / "tmp.bin").write_text("not an output")
+        return {"n": 1}
+
+    return fn
+
+
+def test_stage_runs_once_then_skips(tmp_path):
+    run = RunDir(tmp_path)
+    calls = []
+    a = run.stage("a", _writer(calls), version="v1", settings={"k": 1})
+    b = run.stage("a", _writer(calls), version="v1", settings={"k": 1})
+    assert calls == ["a"] and b.skipped and a.digest == b.digest
+    manifest = json.loads((tmp_path / "a" / MANIFEST).read_text())
+    assert list(manifest["outputs"]) == ["out.txt"]  # scratch is not an output
+    assert not (tmp_path / "a" / "_scratch").exists()
+    assert manifest["stats"] == {"n": 1} and manifest["seconds"] >= 0
+
+
+def test_changed_setting_reruns_stage_and_downstream_only(tmp_path):
+    run = RunDir(tmp_path)
+    calls = []
+    up = run.stage("up", _writer(calls, "u"), version="v1", settings={})
+    mid = run.stage("mid", _writer(calls, "m1"), version="v1", settings={"k": 1}, inputs={"up": up})
+    run.stage("down", _writer(calls), version="v1", settings={}, inputs={"mid": mid})
+    calls.clear()
+    up = run.stage("up", _writer(calls, "u"), version="v1", settings={})
+    mid = run.stage("mid", _writer(calls, "m2"), version="v1", settings={"k": 2}, inputs={"up": up})
+    run.stage("down", _writer(calls), version="v1", settings={}, inputs={"mid": mid})
+    assert calls == ["mid", "down"]
+
+
+def test_same_output_after_rerun_keeps_downstream_cached(tmp_path):
+    run = RunDir(tmp_path)
+    calls = []
+    mid = run.stage("mid", _writer(calls, "same"), version="v1", settings={"k": 1})
+    run.stage("down", _writer(calls), version="v1", settings={}, inputs={"mid": mid})
+    calls.clear()
+    mid = run.stage("mid", _writer(calls, "same"), version="v2", settings={"k": 1})
+    run.stage("down", _writer(calls), version="v1", settings={}, inputs={"mid": mid})
+    assert calls == ["mid"]
+
+
+def test_crash_leaves_nothing_taken_as_finished(tmp_path):
+    run = RunDir(tmp_path)
+
+    def boom(ctx):
+        (ctx.work / "half.txt").write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        run.stage("a", boom, version="v1", settings={})
+    assert not (tmp_path / "a").exists() and run.load("a") is None
+    assert (tmp_path / "a.partial" / "half.txt").exists()  # kept for the retry with the same key
+    calls = []
+    result = run.stage("a", _writer(calls), version="v1", settings={})
+    assert calls == ["a"] and (result.path / DONE).exists()
+    assert not (tmp_path / "a.partial").exists()
+
+
+def test_partial_with_other_key_is_discarded(tmp_path):
+    run = RunDir(tmp_path)
+    seen = []
+
+    def crash(ctx):
+        (ctx.scratch / "chunk").write_text("old")
+        raise RuntimeError
+
+    with pytest.raises(RuntimeError):
+        run.stage("a", crash, version="v1", settings={"k": 1})
+
+    def check(ctx):
+        seen.append((ctx.scratch / "chunk").exists())
+        return {}
+
+    run.stage("a", check, version="v1", settings={"k": 2})
+    assert seen == [False]
+
+
+def test_finished_partial_is_committed_without_rerun(tmp_path):
+    run = RunDir(tmp_path)
+    calls = []
+    run.stage("a", _writer(calls), version="v1", settings={})
+    # Simulate a crash between removing the old folder and the rename: the work is complete.
+    (tmp_path / "a").rename(tmp_path / "a.partial")
+    run.stage("a", _writer(calls), version="v1", settings={})
+    assert calls == ["a"] and (tmp_path / "a" / DONE).exists()
