@@ -8,15 +8,14 @@ from typing import Any, Sequence
 from harness.config import AugmentSection
 from pipeline.corpus import words
 from pipeline.engine import Engine, SamplingParams
-from pipeline.prompts import backward_messages
+from pipeline.prompts import backward_messages, render
 
-# Text that belongs to the prompt or the chat format, not to an instruction.
-_LEAK = re.compile(r"<\|im_(start|end)\|>|</?s>|\bText:\s*$|write the request or question|^\s*(user|assistant)\s*:",
-                   re.IGNORECASE | re.MULTILINE)
+# Chat-format debris; copies of the prompt's own wording are caught by n-gram overlap instead.
+_CHAT_DEBRIS = re.compile(r"<\|im_(start|end)\|>|</?s>|^\s*(system|user|assistant)\s*:", re.IGNORECASE | re.MULTILINE)
 
 
 def _echo_overlap(instruction: str, segment: str, n: int = 4) -> float:
-    """Share of the instruction's word n-grams that are copied from the segment."""
+    """Share of the instruction's word n-grams that are copied from ``segment``."""
     inst = words(instruction)
     if len(inst) < n:
         return 1.0 if " ".join(inst) and " ".join(inst) in " ".join(words(segment)) else 0.0
@@ -26,8 +25,11 @@ def _echo_overlap(instruction: str, segment: str, n: int = 4) -> float:
     return len(grams & seg_grams) / len(grams)
 
 
-def degenerate_reason(instruction: str, segment: str, finished: bool, cfg: AugmentSection) -> str | None:
-    """Why a generated instruction is unusable, or None if it is fine."""
+def degenerate_reason(
+    instruction: str, segment: str, finished: bool, cfg: AugmentSection, prompt: str = ""
+) -> str | None:
+    """Why a generated instruction is unusable, or None if it is fine. ``prompt`` is the fixed
+    prompt text (the template); any 5 consecutive words of it in the instruction are a leak."""
     text = instruction.strip()
     if not text:
         return "empty"
@@ -35,7 +37,7 @@ def degenerate_reason(instruction: str, segment: str, finished: bool, cfg: Augme
         return "unfinished"
     if len(text) < cfg.min_instruction_chars:
         return "too_short"
-    if _LEAK.search(text):
+    if _CHAT_DEBRIS.search(text) or (prompt and _echo_overlap(text, prompt, n=5) > 0):
         return "prompt_leak"
     if _echo_overlap(text, segment) >= cfg.max_echo_overlap:
         return "echo"
@@ -54,9 +56,10 @@ def generate_instructions(
     )
     chats = [backward_messages(seg["text"], template) for seg in segments]
     completions = engine.generate(chats, params)
+    prompt = render(template)
     rows = []
     for seg, comp in zip(segments, completions):
-        reason = degenerate_reason(comp.text, seg["text"], comp.finished, cfg)
+        reason = degenerate_reason(comp.text, seg["text"], comp.finished, cfg, prompt)
         rows.append(
             {
                 "segment_id": seg["segment_id"],

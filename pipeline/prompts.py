@@ -53,8 +53,12 @@ def parse_score(continuation: str) -> int | None:
 
 
 def backward_messages(response: str, template: str) -> list[dict[str, str]]:
-    """The chat the backward model sees: a text, asking for the instruction it answers."""
-    return [{"role": "user", "content": render(template, response=response)}]
+    """The chat the backward model sees: the task in the system turn, the text as the user turn.
+
+    Keeping the directive out of the user turn matters for small models: with the directive next
+    to the text, a 135M model fine-tuned on 48 pairs mostly repeated the directive back.
+    """
+    return [{"role": "system", "content": render(template)}, {"role": "user", "content": response}]
 
 
 def forward_messages(instruction: str, system: str | None) -> list[dict[str, str]]:

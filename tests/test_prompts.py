@@ -2,14 +2,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.prompts import PromptError, curation_messages, load_template, parse_score, render
+from pipeline.prompts import PromptError, backward_messages, curation_messages, load_template, parse_score, render
 
 
-def test_backward_template_exact():
-    assert render("backward_v1", response="The answer.") == (
-        "Here is a piece of text. Write the request or question that a user could have sent to an "
-        "assistant for this text to be the reply. Write only that request.\n\nText:\nThe answer."
-    )
+def test_backward_messages_exact():
+    assert backward_messages("The answer.", "backward_v1") == [
+        {"role": "system", "content": "You write the question or instruction that the user's message is the best "
+                                      "answer to. Reply with that instruction only."},
+        {"role": "user", "content": "The answer."},
+    ]
 
 
 def test_rubric_has_five_levels_and_asks_for_score_line():

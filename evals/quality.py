@@ -1,0 +1,125 @@
+"""Data-quality metrics for the pairs an iteration trains on.
+
+The paper's Table 2 reports instruction and response lengths (mean and standard deviation, in
+characters); we add lexical diversity (distinct-n), a near-duplicate rate among instructions,
+contamination against evaluation prompts, and the curator's precision and recall on a labelled
+set of good and bad pairs (the paper's Table 7).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Iterable, Sequence
+from importlib import resources
+from typing import Any
+
+from datasketch import MinHash, MinHashLSH
+
+from pipeline.corpus import words
+
+CONTAMINATION_N = 8
+
+
+def length_stats(texts: Sequence[str]) -> dict[str, float | None]:
+    lengths = [len(t) for t in texts]
+    if not lengths:
+        return {"mean": None, "std": None}
+    return {"mean": round(statistics.fmean(lengths), 1),
+            "std": round(statistics.pstdev(lengths), 1) if len(lengths) > 1 else 0.0}
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float | None:
+    """Unique word n-grams over all word n-grams across ``texts`` (Li et al. 2016)."""
+    grams = [tuple(w[i : i + n]) for w in map(words, texts) for i in range(len(w) - n + 1)]
+    return round(len(set(grams)) / len(grams), 4) if grams else None
+
+
+def near_duplicate_rate(texts: Sequence[str], threshold: float = 0.7, num_perm: int = 64) -> float | None:
+    """Share of texts that are a MinHash near duplicate (word 3-gram shingles) of an earlier one."""
+    if not texts:
+        return None
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    dups = 0
+    for i, text in enumerate(texts):
+        tokens = words(text)
+        shingles = {" ".join(tokens[j : j + 3]) for j in range(max(1, len(tokens) - 2))}
+        mh = MinHash(num_perm=num_perm, seed=1)
+        mh.update_batch([s.encode() for s in shingles])
+        if lsh.query(mh):
+            dups += 1
+        else:
+            lsh.insert(str(i), mh)
+    return round(dups / len(texts), 4)
+
+
+def pair_metrics(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    instructions = [r["instruction"] for r in rows]
+    responses = [r["response"] for r in rows]
+    return {
+        "pairs": len(rows),
+        "instruction_chars": length_stats(instructions),
+        "response_chars": length_stats(responses),
+        "instruction_distinct_1": distinct_n(instructions, 1),
+        "instruction_distinct_2": distinct_n(instructions, 2),
+        "instruction_near_duplicate_rate": near_duplicate_rate(instructions),
+    }
+
+
+def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    tokens = words(text)
+    return {tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)}
+
+
+class ContaminationIndex:
+    """Word n-grams of every evaluation prompt, by evaluation set, for overlap checks."""
+
+    def __init__(self, prompt_sets: dict[str, Iterable[str]], n: int = CONTAMINATION_N):
+        self.n = n
+        self.index: dict[tuple[str, ...], set[str]] = {}
+        self.sizes: dict[str, int] = {}
+        for name, prompts in prompt_sets.items():
+            count = 0
+            for prompt in prompts:
+                count += 1
+                for gram in _ngrams(prompt, n):
+                    self.index.setdefault(gram, set()).add(name)
+            self.sizes[name] = count
+
+    def match(self, text: str) -> list[str]:
+        """Evaluation sets sharing at least one word n-gram with ``text``."""
+        hits: set[str] = set()
+        for gram in _ngrams(text, self.n):
+            hits |= self.index.get(gram, set())
+        return sorted(hits)
+
+    def flag(self, rows: Sequence[dict[str, Any]], fields: Sequence[str] = ("instruction",)) -> list[dict[str, Any]]:
+        """One entry per contaminated row: its position, id and the evaluation sets it overlaps."""
+        flagged = []
+        for i, row in enumerate(rows):
+            hits = sorted({s for f in fields for s in self.match(row.get(f, ""))})
+            if hits:
+                flagged.append({"index": i, "id": row.get("segment_id", row.get("origin")), "eval_sets": hits})
+        return flagged
+
+
+def load_labelled_pairs(name: str = "curation_labelled_v1.jsonl") -> list[dict[str, Any]]:
+    ref = resources.files("harness") / "resources" / name
+    return [json.loads(line) for line in ref.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def curator_precision_recall(labels: Sequence[str], scores: Sequence[float | None], k: float) -> dict[str, Any]:
+    """Treat "score >= k" as the curator saying "good"; unscored counts as "not good"."""
+    predicted = [s is not None and s >= k for s in scores]
+    actual = [label == "good" for label in labels]
+    tp = sum(p and a for p, a in zip(predicted, actual))
+    fp = sum(p and not a for p, a in zip(predicted, actual))
+    fn = sum(a and not p for p, a in zip(predicted, actual))
+    return {
+        "precision": round(tp / (tp + fp), 4) if tp + fp else None,
+        "recall": round(tp / (tp + fn), 4) if tp + fn else None,
+        "n": len(labels),
+        "predicted_good": tp + fp,
+        "unscored": sum(s is None for s in scores),
+        "k": k,
+    }

@@ -1,0 +1,111 @@
+"""Regression gates: may the loop go on after this iteration?
+
+A metric regresses when it moves in its worse direction by more than both an absolute tolerance
+and ``z`` standard errors of the difference (so noise from small evaluation subsets does not stop
+the loop, and a tiny but certain drop does not either). Numbers with different provenance (task
+version, sample count, evaluator config) are never compared: the gate refuses, and fails.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    value: float
+    stderr: float | None = None
+    n: int | None = None
+    higher_is_better: bool = True
+    provenance: dict[str, Any] = field(default_factory=dict)
+    """What must match for two values to be comparable: task version, evaluator digest, ..."""
+    trusted: bool = True
+    """False when the evaluator itself failed its check (e.g. a judge below its accuracy floor)."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    metric: str
+    abs_tol: float = 0.0
+    z: float = 2.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    check: str
+    passed: bool
+    reason: str
+    current: float | None = None
+    baseline: float | None = None
+    threshold: float | None = None
+
+    def message(self) -> str:
+        return f"{self.check}: {self.reason}"
+
+
+def compare(current: Metric | None, baseline: Metric | None, rule: Rule) -> Decision:
+    """One gated metric against its baseline."""
+    if current is None:
+        return Decision(rule.metric, False, "metric missing from this iteration's evaluation")
+    if baseline is None:
+        return Decision(rule.metric, True, "no baseline to compare with", current.value)
+    if not current.trusted or not baseline.trusted:
+        which = "this iteration's" if not current.trusted else "the baseline's"
+        return Decision(rule.metric, False, f"refused: {which} evaluator is untrusted", current.value, baseline.value)
+    mismatch = _provenance_mismatch(current, baseline)
+    if mismatch:
+        return Decision(rule.metric, False, f"refused: provenance differs ({mismatch})", current.value, baseline.value)
+    drop = (baseline.value - current.value) if current.higher_is_better else (current.value - baseline.value)
+    se = math.sqrt((current.stderr or 0.0) ** 2 + (baseline.stderr or 0.0) ** 2)
+    threshold = max(rule.abs_tol, rule.z * se)
+    if drop > threshold:
+        word = "dropped" if current.higher_is_better else "rose"
+        return Decision(
+            rule.metric, False,
+            f"{word} from {baseline.value:.4g} to {current.value:.4g}, by {abs(drop):.4g} > threshold "
+            f"{threshold:.4g} (max of abs_tol {rule.abs_tol:g} and {rule.z:g} x stderr {se:.4g})",
+            current.value, baseline.value, threshold,
+        )
+    return Decision(rule.metric, True, f"{current.value:.4g} vs baseline {baseline.value:.4g} "
+                    f"(change within threshold {threshold:.4g})", current.value, baseline.value, threshold)
+
+
+def _provenance_mismatch(a: Metric, b: Metric) -> str:
+    parts = []
+    if a.n is not None and b.n is not None and a.n != b.n:
+        parts.append(f"n {b.n} vs {a.n}")
+    for key in sorted(set(a.provenance) | set(b.provenance)):
+        if a.provenance.get(key) != b.provenance.get(key):
+            parts.append(f"{key} {b.provenance.get(key)!r} vs {a.provenance.get(key)!r}")
+    return "; ".join(parts)
+
+
+def limit_check(name: str, value: float | None, *, minimum: float | None = None, maximum: float | None = None) -> Decision:
+    """A data gate: a count or rate that must stay within bounds."""
+    if value is None:
+        return Decision(name, False, "value missing")
+    if minimum is not None and value < minimum:
+        return Decision(name, False, f"{value:g} is below the minimum {minimum:g}", value, None, minimum)
+    if maximum is not None and value > maximum:
+        return Decision(name, False, f"{value:g} is above the maximum {maximum:g}", value, None, maximum)
+    return Decision(name, True, f"{value:g} within limits", value, None, minimum if minimum is not None else maximum)
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    decisions: list[Decision]
+    baseline: str | None = None
+
+    def failures(self) -> list[Decision]:
+        return [d for d in self.decisions if not d.passed]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "baseline": self.baseline, "decisions": [asdict(d) for d in self.decisions]}
+
+
+def decide(decisions: Sequence[Decision], baseline: str | None = None) -> GateResult:
+    return GateResult(all(d.passed for d in decisions), list(decisions), baseline)

@@ -1,0 +1,231 @@
+"""AlpacaEval: answers through the engine, judged and scored by alpaca_eval, offline.
+
+The fake judge (prefers the longer output, the first on a tie) goes through the real alpaca_eval
+path, so win rates, caching and the judge check can be asserted exactly; the local judge runs
+end to end on the tiny random model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from evals import alpaca  # noqa: E402
+from pipeline.engine import TransformersEngine  # noqa: E402
+from pipeline.models import load_model, load_tokenizer  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test (local sockets still work)."""
+    real_connect = socket.socket.connect
+
+    def guarded(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            raise AssertionError(f"network access attempted: {address}")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+def words(n: int, start: int = 0) -> str:
+    return " ".join(f"w{i}" for i in range(start, start + n))
+
+
+def planted_pairs() -> tuple[list[dict], list[dict]]:
+    """Six pairs: the model's answer is longer on four, shorter on one, identical on one."""
+    reference, model = [], []
+    lengths = [(3, 9), (4, 12), (2, 5), (6, 7), (9, 2), (5, 5)]
+    for i, (ref_len, model_len) in enumerate(lengths):
+        instruction = f"planted instruction {i}"
+        ref_out = words(ref_len)
+        model_out = ref_out if i == 5 else words(model_len, start=100)
+        reference.append({"instruction": instruction, "output": ref_out, "generator": "ref", "dataset": "planted"})
+        model.append({"instruction": instruction, "output": model_out, "generator": "mine", "dataset": "planted"})
+    return model, reference
+
+
+def test_fake_judge_win_rate_matches_hand_computation(tmp_path):
+    model, reference = planted_pairs()
+    result = alpaca.score_alpaca_eval(model, reference, tmp_path, annotators_config=alpaca.FAKE_JUDGE)
+    # Preferences 2,2,2,2 (model longer), 1 (shorter), 1.5 (identical): mean of (p - 1) = 4.5 / 6.
+    assert result["win_rate"] == pytest.approx(75.0)
+    values = [1, 1, 1, 1, 0, 0.5]
+    sem = math.sqrt(sum((v - 0.75) ** 2 for v in values) / 5 / 6)
+    assert result["standard_error"] == pytest.approx(100 * sem, abs=1e-4)
+    assert (result["n"], result["n_wins"], result["n_wins_base"], result["n_draws"]) == (6, 4, 1, 1)
+    assert result["n_missing"] == 0
+    # The identical pair is a draw that alpaca_eval sets without asking the judge.
+    assert result["judged_now"] == 6 and result["reused_from_cache"] == 0
+
+
+def test_score_result_shape_and_files(tmp_path):
+    model, reference = planted_pairs()
+    result = alpaca.score_alpaca_eval(model, reference, tmp_path, annotators_config=alpaca.FAKE_JUDGE)
+    prov = result["provenance"]
+    assert prov["annotators_config"] == alpaca.FAKE_JUDGE
+    assert len(prov["annotators_config_digest"]) == 16
+    assert prov["alpaca_eval_version"] == "0.6.6"
+    assert prov["generator"] == "mine" and prov["n_instructions"] == 6
+    # Six planted pairs cannot feed alpaca_eval's GLM offline: recorded as None with the reason.
+    assert result["length_controlled_win_rate"] is None and result["lc_unavailable_reason"]
+    saved = json.loads((tmp_path / "alpaca_eval.json").read_text())
+    assert saved["win_rate"] == result["win_rate"]
+    annotations = json.loads((tmp_path / "annotations.json").read_text())
+    assert [a["instruction"] for a in annotations] == [r["instruction"] for r in reference]
+
+
+def test_rerun_judges_nothing_again(tmp_path):
+    model, reference = planted_pairs()
+    first = alpaca.score_alpaca_eval(model, reference, tmp_path, annotators_config=alpaca.FAKE_JUDGE)
+    calls = alpaca.JUDGE_CALLS["humpback_longest_completions"]
+    second = alpaca.score_alpaca_eval(model, reference, tmp_path, annotators_config=alpaca.FAKE_JUDGE)
+    assert alpaca.JUDGE_CALLS["humpback_longest_completions"] == calls
+    assert second["judged_now"] == 0 and second["reused_from_cache"] == 6
+    assert second["win_rate"] == first["win_rate"]
+    # One changed answer: only that pair is judged.
+    model[0] = {**model[0], "output": "a different answer"}
+    third = alpaca.score_alpaca_eval(model, reference, tmp_path, annotators_config=alpaca.FAKE_JUDGE)
+    assert alpaca.JUDGE_CALLS["humpback_longest_completions"] == calls + 1
+    assert third["judged_now"] == 1
+
+
+def test_mismatched_outputs_are_refused(tmp_path):
+    model, reference = planted_pairs()
+    with pytest.raises(ValueError, match="differ"):
+        alpaca.score_alpaca_eval(model[:-1], reference, tmp_path, annotators_config=alpaca.FAKE_JUDGE)
+
+
+def test_judge_config_errors(tmp_path):
+    with pytest.raises(alpaca.JudgeError, match="not found"):
+        alpaca.Judge("no_such_judge").config_path
+    with pytest.raises(alpaca.JudgeError, match="judge model"):
+        alpaca.Judge(alpaca.LOCAL_JUDGE).annotator(None)
+    # alpaca_eval's own configs resolve by name; the GPT-4 ones need a key.
+    judge = alpaca.Judge("weighted_alpaca_eval_gpt4_turbo")
+    assert judge.config_path.parent.name == "weighted_alpaca_eval_gpt4_turbo"
+    if not os.environ.get("OPENAI_API_KEY"):
+        with pytest.raises(alpaca.JudgeError, match="OPENAI_API_KEY"):
+            judge.annotator(None)
+
+
+def test_aggregation_reproduces_the_leaderboard(shared_data):
+    """alpaca_eval's metrics on the real GPT-4 judgments of alpaca-7b give the published row."""
+    path = shared_data / "alpaca_eval" / "annotations" / "alpaca-7b_vs_text_davinci_003_alpaca_eval_gpt4.json"
+    metrics = alpaca.win_rate_metrics(json.loads(path.read_text()))
+    assert metrics["win_rate"] == pytest.approx(26.459627329192543, abs=1e-6)
+    assert metrics["standard_error"] == pytest.approx(1.535711469748, abs=1e-6)
+    assert (metrics["n_wins"], metrics["n_wins_base"], metrics["n_draws"], metrics["n"]) == (205, 584, 16, 805)
+
+
+def test_instruction_subset_is_seeded_and_shared(shared_data):
+    a = alpaca.load_instruction_set(shared_data, "text_davinci_003", subset_size=10, seed=3)
+    b = alpaca.load_instruction_set(shared_data, "gpt4_turbo", subset_size=10, seed=3)
+    c = alpaca.load_instruction_set(shared_data / "alpaca_eval", "alpaca-7b", subset_size=10, seed=4)
+    assert a.indices == b.indices == sorted(a.indices) and len(a.indices) == 10
+    assert a.indices != c.indices
+    assert [r["instruction"] for r in a.reference] == [r["instruction"] for r in b.reference]
+    assert {r["generator"] for r in a.reference} == {"text_davinci_003"}
+    assert {r["generator"] for r in b.reference} == {"gpt4_1106_preview"}
+    assert a.select(b.reference) == b.reference
+    full = alpaca.load_instruction_set(shared_data, "text_davinci_003")
+    assert len(full.instructions) == 805 and full.indices == list(range(805))
+
+
+def test_length_controlled_path_with_local_glm_files(tmp_path):
+    """With the GLM's hub files in lc_data_dir, alpaca_eval fits it offline. The file here is
+    synthetic (plumbing only: the real one is tatsu-lab/alpaca_eval's df_gamed.csv)."""
+    import random
+
+    rng = random.Random(0)
+    lines = ["model,index,preference,std_delta_len,instruction_difficulty,not_gamed_baseline"]
+    for model in ("gamed_long", "gamed_short"):
+        for i in range(805):
+            delta = rng.gauss(1.0 if model == "gamed_long" else -1.0, 0.5)
+            pref = 1 / (1 + math.exp(-delta))
+            lines.append(f"{model},{i},{pref:.4f},{delta:.4f},{(i % 7) / 7:.4f},False")
+    (tmp_path / "df_gamed.csv").write_text("\n".join(lines) + "\n")
+    reference, model = [], []
+    for i in range(40):
+        reference.append({"instruction": f"q{i}", "output": words(5 + i % 4), "generator": "ref", "dataset": "x"})
+        model.append({"instruction": f"q{i}", "output": words(3 + (i * 7) % 9, start=50), "generator": "m", "dataset": "x"})
+    result = alpaca.score_alpaca_eval(model, reference[:], tmp_path / "out", annotators_config=alpaca.FAKE_JUDGE,
+                                      lc_data_dir=tmp_path)
+    # Not an InstructionSet and not the full 805: the GLM cannot know each instruction's difficulty.
+    assert result["lc_unavailable_reason"] == "AlpacaEval indices of the instructions are unknown"
+    annotations = json.loads((tmp_path / "out" / "annotations.json").read_text())
+    import pandas as pd
+
+    lc = alpaca.length_controlled_metrics(pd.DataFrame(annotations), list(range(100, 140)), tmp_path)
+    assert lc["lc_unavailable_reason"] is None
+    assert 0 <= lc["length_controlled_win_rate"] <= 100 and lc["lc_standard_error"] >= 0
+
+
+def truncation_records() -> list[dict]:
+    """Two single-spaced answers (word shuffles keep their length exactly), 12 and 8 words."""
+    return [
+        {"instruction": "long one", "output": words(12), "generator": "ref", "dataset": "planted"},
+        {"instruction": "short one", "output": words(8, start=20), "generator": "ref", "dataset": "planted"},
+    ]
+
+
+def test_check_judge_on_planted_cases(tmp_path):
+    judge = alpaca.Judge(alpaca.FAKE_JUDGE)
+    result = alpaca.check_judge(judge, truncation_records(), n=2, seed=0, out_dir=tmp_path)
+    by_kind = result["by_kind"]
+    # Truncated: shorter, so always right, whichever order.
+    assert by_kind["truncated"]["accuracy"] == 1.0 and by_kind["truncated"]["position_bias"] == 0.0
+    # Shuffled: same length, so the fake judge picks the first shown: right in one order only.
+    assert by_kind["shuffled"]["accuracy"] == 0.5 and by_kind["shuffled"]["position_bias"] == 0.5
+    assert by_kind["shuffled"]["order_consistency"] == 0.0
+    # Another instruction's answer: right against the shorter one, wrong against the longer one.
+    assert by_kind["other_instruction"]["accuracy"] == 0.5 and by_kind["other_instruction"]["order_consistency"] == 1.0
+    assert result["n_pairs"] == 6 and result["n_judgments"] == 12 and result["n_missing"] == 0
+    assert result["accuracy"] == pytest.approx(8 / 12, abs=1e-6)
+    assert result["position_bias"] == pytest.approx(8 / 12 - 0.5, abs=1e-6)
+    assert result["order_consistency"] == pytest.approx(4 / 6, abs=1e-6)
+    assert result["trusted"] is False and result["judged_now"] == 12
+    only_truncation = alpaca.check_judge(judge, truncation_records(), n=2, seed=0, kinds=("truncated",),
+                                         out_dir=tmp_path)
+    assert only_truncation["trusted"] is True and only_truncation["accuracy"] == 1.0
+    assert only_truncation["judged_now"] == 0  # the four judgments are in the cache
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model):
+    return TransformersEngine(load_model(str(tiny_model)), load_tokenizer(str(tiny_model)), batch_size=4)
+
+
+def test_generate_answers_with_tiny_model(tiny_engine):
+    instructions = [{"instruction": "Name a colour.", "dataset": "d1"}, {"instruction": "Count to three.", "dataset": "d2"}]
+    kwargs = dict(generator="tiny", system_prompt="You are helpful.", max_new_tokens=6, seed=0)
+    answers = alpaca.generate_answers(tiny_engine, instructions, **kwargs)
+    assert [set(a) for a in answers] == [set(alpaca.RECORD_FIELDS)] * 2
+    assert [a["instruction"] for a in answers] == [i["instruction"] for i in instructions]
+    assert [a["dataset"] for a in answers] == ["d1", "d2"] and {a["generator"] for a in answers} == {"tiny"}
+    assert alpaca.generate_answers(tiny_engine, instructions, **kwargs) == answers  # greedy: reproducible
+
+
+def test_local_logprob_judge_end_to_end(tiny_model, tmp_path):
+    judge = alpaca.Judge(alpaca.LOCAL_JUDGE, model=str(tiny_model))
+    model, reference = planted_pairs()
+    model, reference = model[:3], reference[:3]
+    before = alpaca.JUDGE_CALLS["humpback_engine_choice_completions"]
+    result = alpaca.score_alpaca_eval(model, reference, tmp_path, judge=judge)
+    assert alpaca.JUDGE_CALLS["humpback_engine_choice_completions"] == before + 3
+    assert result["n"] == 3 and result["n_missing"] == 0 and 0 <= result["win_rate"] <= 100
+    assert result["provenance"]["judge_model_digest"]
+    annotations = json.loads((tmp_path / "annotations.json").read_text())
+    for a in annotations:
+        assert 1.0 <= a["preference"] <= 2.0
+        probs = a["preference_raw_completion"]["choice_probs"]
+        assert len(probs) == 2 and 0 < sum(probs) <= 1.0 + 1e-6
+    check = alpaca.check_judge(judge, truncation_records(), n=1, seed=0, kinds=("truncated",))
+    assert check["n_judgments"] == 2 and check["accuracy"] in (0.0, 0.5, 1.0)
+    assert 0 < check["mean_choice_mass"] <= 1.0 + 1e-6
