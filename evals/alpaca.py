@@ -607,6 +607,7 @@ def score_alpaca_eval(
     judge: Judge | None = None,
     lc_data_dir: str | Path | None = None,
     chunksize: int = 32,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Judge the model's outputs against the reference's with alpaca_eval and score them.
 
@@ -624,6 +625,8 @@ def score_alpaca_eval(
         judge: a :class:`Judge` already set up (its engine is reused); overrides the two above.
         lc_data_dir: where alpaca_eval's length-controlled GLM files are, if not in the hub cache.
         chunksize: pairs judged between two writes of the cache.
+        cache_dir: where the judge cache lives, if not in ``out_dir`` (a run keeps one cache for
+            all its evaluations, so re-evaluating a model re-judges nothing already judged).
 
     Returns:
         ``win_rate`` and ``standard_error`` (percent), ``discrete_win_rate``, counts, ``n``,
@@ -645,7 +648,7 @@ def score_alpaca_eval(
     reference_df = _records(reference_records, "reference")
     model_df = _records(model_records, "model")
 
-    annotator = judge.annotator(_cache_path(out_dir, judge, "score"))
+    annotator = judge.annotator(_cache_path(Path(cache_dir) if cache_dir else out_dir, judge, "score"))
     cached = _cached_keys(annotator)
     pairs = pd.merge(reference_df, model_df, on="instruction", suffixes=("_1", "_2"))
     reused = sum((i, o1, o2) in cached for i, o1, o2 in zip(pairs["instruction"], pairs["output_1"], pairs["output_2"]))

@@ -138,6 +138,12 @@ def weights_digest(spec: ModelSpec) -> str:
     return settings_digest(parts)
 
 
+def tokenizer_digest(folder: Path) -> str:
+    """sha256 prefix over the tokenizer files, chat template included (it shapes every prompt)."""
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+    return settings_digest({n: file_digest(folder / n) for n in names if (folder / n).is_file()})
+
+
 def data_files(tasks: Sequence[str], data_dir: Path) -> dict[str, dict[str, Path]]:
     """Absolute data paths per task and placeholder, checked to exist."""
     out: dict[str, dict[str, Path]] = {}
@@ -308,8 +314,9 @@ def run_heldout(
             ``truthfulqa/v1/mc_task.json``, ``gsm8k/{test,train}.jsonl``).
         tasks: Any of ``ifeval``, ``truthfulqa_mc1``, ``truthfulqa_mc2``, ``gsm8k``.
         limit: Documents per task. Unlike lm-eval's ``limit`` (the first N), this is a seeded
-            random subset (lm-eval's ``samples``), the same for a given seed and task whatever
-            other tasks run; the indices are kept in ``results.json`` and the sample logs.
+            random subset (lm-eval's ``samples``), the same for a given seed and data file whatever
+            other tasks run (so MC1 and MC2 ask the same questions); the indices are kept in
+            ``results.json`` and as ``doc_id`` in the sample logs.
         seed: Seeds the subset choice and lm-eval's Python, numpy, torch and few-shot seeds.
         batch_size: lm-eval's batch size.
         system_prompt: System message for every prompt (lm-eval's ``system_instruction``).
@@ -359,7 +366,10 @@ def run_heldout(
         "tasks": {
             t: {
                 "name": TASK_PREFIX + t,
-                "template_sha256": file_digest(TASKS_DIR / HELDOUT_TASKS[t].template),
+                "templates_sha256": {
+                    HELDOUT_TASKS[x].template: file_digest(TASKS_DIR / HELDOUT_TASKS[x].template)
+                    for x in (*HELDOUT_TASKS[t].includes, t)
+                },
                 "data": {
                     HELDOUT_TASKS[t].files[k]: file_digest(p) for k, p in files[t].items()
                 },
@@ -370,6 +380,7 @@ def run_heldout(
         "task_utils_sha256": file_digest(TASKS_DIR / "utils.py"),
         "model": {
             "weights_digest": weights_digest(spec),
+            "tokenizer_digest": tokenizer_digest(spec.tokenizer),
             "adapter": spec.adapter is not None,
             "dtype": DTYPE,
         },

@@ -12,6 +12,7 @@ import json
 import statistics
 from collections.abc import Iterable, Sequence
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from datasketch import MinHash, MinHashLSH
@@ -101,6 +102,31 @@ class ContaminationIndex:
             if hits:
                 flagged.append({"index": i, "id": row.get("segment_id", row.get("origin")), "eval_sets": hits})
         return flagged
+
+
+EVAL_PROMPT_FILES = {
+    # name: (path under the eval data dir, field or CSV column holding the prompt)
+    "alpaca_eval": ("alpaca_eval/reference_text_davinci_003.json", "instruction"),
+    "ifeval": ("heldout/ifeval/input_data.jsonl", "prompt"),
+    "truthfulqa": ("heldout/truthfulqa/v1/TruthfulQA.csv", "Question"),
+    "gsm8k": ("heldout/gsm8k/test.jsonl", "question"),
+}
+
+
+def load_eval_prompt_sets(data_dir: str | Path) -> tuple[dict[str, list[str]], list[str]]:
+    """Every evaluation prompt set found under ``data_dir``, and the names of those missing."""
+    from pipeline.data import Record, read_source
+
+    found: dict[str, list[str]] = {}
+    missing: list[str] = []
+    for name, (rel, field) in EVAL_PROMPT_FILES.items():
+        path = Path(data_dir) / rel
+        if not path.is_file():
+            missing.append(name)
+            continue
+        found[name] = [r.data[field] for r in read_source(str(path))
+                       if isinstance(r, Record) and isinstance(r.data.get(field), str)]
+    return found, missing
 
 
 def load_labelled_pairs(name: str = "curation_labelled_v1.jsonl") -> list[dict[str, Any]]:

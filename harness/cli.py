@@ -6,6 +6,7 @@ Run as: humpback --help
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -14,6 +15,7 @@ from harness.config import ConfigError, dump_config, load_config, valid_keys
 
 EXIT_CONFIG = 2
 EXIT_DATA = 3
+EXIT_GATE = 4
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -41,6 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iteration", "-t", type=int, help="iteration for finetune (default 0), curate/select (default 1)")
     _common(p)
 
+    p = sub.add_parser("eval", help="evaluate one model (AlpacaEval, held-out tasks) into its own directory")
+    p.add_argument("--model", required=True, help="hub id, model or adapter directory, .gguf file, or pkg:...")
+    p.add_argument("--out", help="output directory (default: <run.root>/eval-<model name>)")
+    _common(p)
+
+    p = sub.add_parser("gate", help="re-decide every iteration's gate from what is on disk")
+    p.add_argument("run_dir")
+
+    p = sub.add_parser("report", help="write report.md/report.html and plots, and mirror the run into MLflow")
+    p.add_argument("run_dir")
+    p.add_argument("--no-mlflow", action="store_true", help="only write the report files")
+
     p = sub.add_parser("config", help="print the resolved config (after overrides) and exit")
     _common(p)
     return parser
@@ -57,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command in ("gate", "report"):
+        return _on_run_dir(args)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
@@ -66,9 +82,20 @@ def main(argv: list[str] | None = None) -> int:
         print(dump_config(cfg), end="")
         return 0
 
-    from harness.iterate import format_summary, iterate, open_run, stage_name
+    from harness.iterate import GateFailed, format_summary, iterate, open_run, stage_name
     from pipeline.data import DataError
     from pipeline.models import ModelError
+
+    if args.command == "eval":
+        from harness.evaluate import evaluate_standalone
+
+        try:
+            summary = evaluate_standalone(cfg, args.model, args.out)
+        except (DataError, ModelError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_DATA
+        print(json.dumps(summary, indent=2))
+        return 0
 
     run = open_run(cfg, args.run_dir)
     stop = stage_name(args.name, args.iteration) if args.command == "stage" else None
@@ -77,8 +104,69 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DATA
+    except GateFailed as exc:
+        print(f"{_closing(run.root)}\nstopped: {exc}", file=sys.stderr)
+        return EXIT_GATE
     print(format_summary(summary))
+    if stop is None:
+        print(_closing(run.root))
     return 0
+
+
+def _closing(run_root) -> str:
+    """The report's summary table and where to look next."""
+    from pathlib import Path
+
+    from harness.report import summary_table
+
+    root = Path(run_root)
+    lines = []
+    try:
+        lines.append(summary_table(root))
+    except Exception as exc:  # noqa: BLE001 - the table is a convenience
+        lines.append(f"(no summary table: {exc})")
+    lines.append(f"report: {root / 'report.html'} (and report.md)")
+    lines.append(f"MLflow UI: make mlflow-ui  (tracking store: sqlite:///{root.parent.resolve() / 'mlflow.db'})")
+    return "\n".join(lines)
+
+
+def _on_run_dir(args) -> int:
+    from pathlib import Path
+
+    root = Path(args.run_dir)
+    if not (root / "config.yaml").is_file():
+        print(f"error: {root} is not a run directory (no config.yaml)", file=sys.stderr)
+        return EXIT_CONFIG
+    cfg = load_config(root / "config.yaml")
+    if args.command == "report":
+        from harness.iterate import finish
+
+        if args.no_mlflow:
+            from harness.report import write_report
+
+            write_report(root)
+        else:
+            finish(root, cfg)
+        print(_closing(root))
+        return 0
+    from harness.iterate import gate_decision
+    from harness.rundir import write_json_atomic
+
+    status = 0
+    for t in range(1, cfg.iterate.iterations + 1):
+        if not (root / f"iter_{t:02d}" / "select" / ".done").exists():
+            break
+        evaluated = (root / f"iter_{t:02d}" / "eval" / ".done").exists()
+        result = gate_decision(root, cfg, t, evaluated)
+        write_json_atomic(root / f"iter_{t:02d}" / "gate.json", {**result.as_dict(), "evaluated": evaluated})
+        print(f"iter_{t:02d}: {'PASS' if result.passed else 'FAIL'}")
+        for d in result.decisions:
+            print(f"  {'ok  ' if d.passed else 'FAIL'} {d.message()}")
+        if not result.passed:
+            status = EXIT_GATE
+            break
+    return status
+
 
 
 if __name__ == "__main__":

@@ -179,8 +179,78 @@ class EngineSection(_Section):
     bf16: Literal["auto", "on", "off"] = "auto"
     """bf16 autocast for generation and scoring; ``auto`` uses it where the hardware has native
     bf16 (on a 2-core AVX512-BF16 CPU a forward pass ran 1.75x faster than fp32)."""
+    device: str = "auto"
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     threads: int | None = None
     """torch intra-op threads (default: torch's choice, one per physical core)."""
+
+
+class EvalSection(_Section):
+    enabled: bool = True
+    data_dir: str | None = "../shared/data"
+    """Directory laid out like ``../shared/data`` (``alpaca_eval/``, ``heldout/``). Its evaluation
+    prompts also feed the contamination check."""
+    contamination_n: int = Field(8, ge=3)
+    """Training pairs sharing a word n-gram of this length with any evaluation prompt are dropped."""
+    contamination_fields: list[str] = Field(default_factory=lambda: ["instruction"])
+    """Which fields of a training pair are checked (add "response" to also check answers)."""
+    seed: int = 0
+    """Draws the evaluation subsets; keep it fixed so iterations are scored on the same items."""
+    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+    """Answer length for AlpacaEval, IFEval and GSM8K generations."""
+    alpaca_subset: int | None = 32
+    """AlpacaEval instructions scored per model (None: all 805)."""
+    alpaca_reference: str = "text_davinci_003"
+    """``text_davinci_003`` (AlpacaEval 1, the paper's), ``gpt4_turbo`` (AlpacaEval 2), or a path to
+    another model's AlpacaEval outputs JSON."""
+    judge: str = "humpback_local_logprob"
+    """An annotator config: ours in ``evals/annotators/`` or any alpaca_eval ships (the GPT-4
+    ones need OPENAI_API_KEY)."""
+    judge_model: str | None = None
+    """Model behind a local judge (default: ``model.base``); the same for every iteration."""
+    judge_check_pairs: int = Field(8, ge=1)
+    """Reference answers used in the judge check; each gives 3 corrupted pairs in both orders."""
+    min_judge_accuracy: float = Field(0.75, ge=0, le=1)
+    heldout_tasks: list[Literal["ifeval", "truthfulqa_mc1", "truthfulqa_mc2", "gsm8k"]] = Field(
+        default_factory=lambda: ["ifeval", "truthfulqa_mc1", "truthfulqa_mc2", "gsm8k"])
+    heldout_limit: int | None = 20
+    """Documents per held-out task (a seeded subset; None: all)."""
+
+
+class GateRuleSection(_Section):
+    metric: str
+    abs_tol: float = Field(0.0, ge=0)
+    """A drop no larger than this never counts as a regression (in the metric's own units)."""
+    z: float = Field(2.0, ge=0)
+    """...nor a drop within z standard errors of the difference."""
+
+
+class GateSection(_Section):
+    enabled: bool = True
+    baseline: Literal["best", "previous", "m0"] = "best"
+    """What each iteration is compared with: the best earlier iteration (per metric), the one
+    before, or M0."""
+    metrics: list[GateRuleSection] = Field(default_factory=lambda: [
+        GateRuleSection(metric="alpaca_eval/win_rate", abs_tol=5.0, z=2.0),
+        GateRuleSection(metric="ifeval/prompt_level_loose_acc", abs_tol=0.05, z=2.0),
+        GateRuleSection(metric="truthfulqa_mc2/acc", abs_tol=0.05, z=2.0),
+    ])
+    min_selected: int = Field(1, ge=0)
+    """Data gate: fewer curated pairs than this and the iteration does not fine-tune."""
+    max_unscored_rate: float = Field(0.5, ge=0, le=1)
+    max_contamination_rate: float = Field(0.05, ge=0, le=1)
+    """Share of selected pairs that overlapped an evaluation prompt (they are dropped either way)."""
+
+
+class TrackingSection(_Section):
+    uri: str | None = None
+    """MLflow tracking URI: None for a local database under ``run.root`` (``mlflow.db``), ``off``
+    to disable, or a server such as ``http://127.0.0.1:5000``."""
+    experiment: str | None = None
+    """Default: ``humpback/<run.name>``."""
+    register_model: str | None = "humpback"
+    """Registered model name for the champion (None: do not register)."""
 
 
 class IterateSection(_Section):
@@ -200,6 +270,9 @@ class RunConfig(_Section):
     select: SelectSection = SelectSection()
     finetune: FinetuneSection = FinetuneSection()
     engine: EngineSection = EngineSection()
+    eval: EvalSection = EvalSection()
+    gate: GateSection = GateSection()
+    tracking: TrackingSection = TrackingSection()
     iterate: IterateSection = IterateSection()
 
     def digest(self, *sections: str) -> str:

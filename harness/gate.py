@@ -109,3 +109,53 @@ class GateResult:
 
 def decide(decisions: Sequence[Decision], baseline: str | None = None) -> GateResult:
     return GateResult(all(d.passed for d in decisions), list(decisions), baseline)
+
+
+# --------------------------------------------------------------------------- on a run directory
+
+def metrics_from_summary(summary: dict[str, Any]) -> dict[str, Metric]:
+    """The metrics of an ``<model>/eval/summary.json``."""
+    return {
+        name: Metric(name, m["value"], m.get("stderr"), m.get("n"), m.get("higher_is_better", True),
+                     m.get("provenance", {}), m.get("trusted", True))
+        for name, m in summary.get("metrics", {}).items()
+        if m.get("value") is not None
+    }
+
+
+def pick_baseline(history: dict[int, dict[str, Metric]], metric: str, mode: str, current: int) -> tuple[int | None, Metric | None]:
+    """The iteration and value to compare iteration ``current`` with, for one metric."""
+    earlier = {t: ms[metric] for t, ms in history.items() if t < current and metric in ms}
+    if not earlier:
+        return None, None
+    if mode == "previous":
+        t = max(earlier)
+    elif mode == "m0":
+        t = 0 if 0 in earlier else min(earlier)
+    else:  # best so far, in the metric's better direction
+        sign = 1 if next(iter(earlier.values())).higher_is_better else -1
+        t = max(earlier, key=lambda k: (sign * earlier[k].value, -k))
+    return t, earlier[t]
+
+
+def eval_decisions(history: dict[int, dict[str, Metric]], current: int, rules: Sequence[Rule], mode: str) -> list[Decision]:
+    decisions = []
+    for rule in rules:
+        t, base = pick_baseline(history, rule.metric, mode, current)
+        d = compare(history.get(current, {}).get(rule.metric), base, rule)
+        if t is not None:
+            d = Decision(d.check, d.passed, f"{d.reason} [baseline iter_{t:02d}]", d.current, d.baseline, d.threshold)
+        decisions.append(d)
+    return decisions
+
+
+def data_decisions(select_stats: dict[str, Any], curate_stats: dict[str, Any], *, min_selected: int,
+                   max_unscored_rate: float, max_contamination_rate: float) -> list[Decision]:
+    selected = select_stats.get("selected")
+    contaminated = select_stats.get("contaminated", 0)
+    total = (selected or 0) + contaminated
+    return [
+        limit_check("data/selected", selected, minimum=min_selected),
+        limit_check("curation/unscored_rate", curate_stats.get("unscored_rate"), maximum=max_unscored_rate),
+        limit_check("data/contamination_rate", contaminated / total if total else 0.0, maximum=max_contamination_rate),
+    ]

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from harness import stages
+from harness import evaluate, gate, stages
 from harness.config import RunConfig, dump_config
 from harness.rundir import RunDir, StageResult, write_json_atomic
 
@@ -37,38 +37,122 @@ def open_run(cfg: RunConfig, run_dir: str | Path | None) -> RunDir:
     return run
 
 
+class GateFailed(Exception):
+    """An iteration failed its gate; the loop stops and the CLI exits with EXIT_GATE."""
+
+    def __init__(self, iteration: int, result: gate.GateResult):
+        self.iteration = iteration
+        self.result = result
+        lines = [f"iteration {iteration} failed its gate:"] + [f"  - {d.message()}" for d in result.failures()]
+        super().__init__("\n".join(lines))
+
+
 def iterate(cfg: RunConfig, run: RunDir, stop_after: str | None = None) -> dict[str, Any]:
-    """Run (or resume) every stage up to ``stop_after`` (all when None); returns the summary."""
+    """Run (or resume) every stage up to ``stop_after`` (all when None); returns the summary.
+
+    Raises:
+        GateFailed: an iteration's data or evaluation gate failed (after report and tracking).
+    """
 
     def done(result: StageResult) -> StageResult:
         if result.name == stop_after:
             raise StopAfter(result.name)
         return result
 
+    def score(prefix: str, model: StageResult) -> None:
+        if cfg.eval.enabled:
+            done(evaluate.evaluate_model(run, cfg, prefix, model, check))
+
+    failure: GateFailed | None = None
     try:
         seed = done(stages.prepare_seed(run, cfg))                    # human-written seed pairs
         segments = done(stages.prepare_corpus(run, cfg))              # unlabelled segments
         base = stages.base_model(cfg)
+        check = done(evaluate.check_judge_stage(run, cfg)) if cfg.eval.enabled else None
+        score("base", base)                                           # the untuned base model
         backward = done(stages.train_backward(run, cfg, seed, base))  # M_yx: response -> instruction
         candidates = done(stages.augment_corpus(run, cfg, segments, backward))  # self-augmentation
         model = done(stages.train_forward(run, cfg, 0, seed, base, None))       # M0: seed only
+        score("iter_00", model)
         for t in range(1, cfg.iterate.iterations + 1):
             scores = done(stages.curate_candidates(run, cfg, t, candidates, model))  # rate with M_{t-1}
             selected = done(stages.select_candidates(run, cfg, t, candidates, scores))  # keep >= k
+            check_gate(run, cfg, t, evaluated=False)                  # enough clean, scored data?
             model = done(stages.train_forward(run, cfg, t, seed, base, selected))    # M_t
+            score(f"iter_{t:02d}", model)
+            check_gate(run, cfg, t, evaluated=True)                   # no regression beyond noise?
     except StopAfter:
         pass
+    except GateFailed as exc:
+        failure = exc
     summary = summarize(run, cfg)
     write_json_atomic(run.root / "summary.json", summary)
+    if stop_after is None:
+        finish(run.root, cfg)
+    if failure is not None:
+        raise failure
     return summary
+
+
+def gate_decision(run_root: Path, cfg: RunConfig, t: int, evaluated: bool) -> gate.GateResult:
+    """Iteration ``t``'s gate, decided from what is on disk (so ``humpback gate`` can redo it)."""
+    curate_stats = _stats(run_root, f"iter_{t:02d}/curate")
+    select_stats = _stats(run_root, f"iter_{t:02d}/select")
+    decisions = gate.data_decisions(select_stats, curate_stats, min_selected=cfg.gate.min_selected,
+                                    max_unscored_rate=cfg.gate.max_unscored_rate,
+                                    max_contamination_rate=cfg.gate.max_contamination_rate)
+    if evaluated and cfg.eval.enabled:
+        history = {}
+        for i in range(0, t + 1):
+            path = run_root / f"iter_{i:02d}" / "eval" / "summary.json"
+            if path.exists():
+                history[i] = gate.metrics_from_summary(json.loads(path.read_text()))
+        rules = [gate.Rule(r.metric, r.abs_tol, r.z) for r in cfg.gate.metrics]
+        decisions += gate.eval_decisions(history, t, rules, cfg.gate.baseline)
+    return gate.decide(decisions, baseline=cfg.gate.baseline)
+
+
+def check_gate(run: RunDir, cfg: RunConfig, t: int, evaluated: bool) -> None:
+    if not cfg.gate.enabled:
+        return
+    result = gate_decision(run.root, cfg, t, evaluated)
+    write_json_atomic(run.root / f"iter_{t:02d}" / "gate.json", {**result.as_dict(), "evaluated": evaluated})
+    for d in result.decisions:
+        log.info("gate iter_%02d %s: %s", t, "pass" if d.passed else "FAIL", d.message())
+    if not result.passed:
+        raise GateFailed(t, result)
+
+
+def _stats(run_root: Path, name: str) -> dict[str, Any]:
+    path = run_root / name / "manifest.json"
+    return json.loads(path.read_text()).get("stats", {}) if path.exists() else {}
+
+
+def finish(run_root: Path, cfg: RunConfig) -> None:
+    """Write the report and mirror the run into MLflow; neither may lose the run's results."""
+    from harness import report
+
+    try:
+        report.write_report(run_root)
+    except Exception:  # noqa: BLE001 - a broken plot must not hide a finished run
+        log.exception("writing the report failed; the run directory is complete")
+    if (cfg.tracking.uri or "").lower() == "off":
+        return
+    try:
+        from harness import tracking
+
+        tracking.log_run(run_root, tracking_uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
+                         register_model_name=cfg.tracking.register_model)
+    except Exception:  # noqa: BLE001 - the run directory stays the source of truth
+        log.exception("MLflow logging failed; the run directory is complete and 'humpback report' can redo it")
 
 
 def summarize(run: RunDir, cfg: RunConfig) -> dict[str, Any]:
     """Per-stage counts and timings from the manifests on disk, and per-iteration summaries."""
     out: dict[str, Any] = {"run_dir": str(run.root), "stages": {}, "iterations": {}}
-    names = ["seed", "corpus", "backward", "augment"]
+    names = ["seed", "corpus", "judge_check", "base/eval", "backward", "augment"]
     for t in range(0, cfg.iterate.iterations + 1):
-        names += [f"iter_{t:02d}/{s}" for s in (("finetune",) if t == 0 else ("curate", "select", "finetune"))]
+        names += [f"iter_{t:02d}/{s}" for s in (("finetune", "eval") if t == 0 else ("curate", "select", "finetune", "eval"))]
     for name in names:
         result = run.load(name)
         if result is None:
@@ -97,7 +181,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     for name, info in summary["stages"].items():
         stats = info["stats"]
         keys = ("kept", "rejected", "segments", "removed", "generated", "histogram", "unscored", "selected",
-                "keep_rate", "train_pairs", "steps", "final_loss", "truncated")
+                "keep_rate", "contaminated", "train_pairs", "steps", "final_loss", "truncated", "accuracy",
+                "position_bias", "trusted")
         counts = ", ".join(f"{k}={json.dumps(stats[k])}" for k in keys if k in stats)
         lines.append(f"{name:<20} {info['seconds']:>8.1f}  {counts}")
     return "\n".join(lines)

@@ -8,12 +8,14 @@ to :meth:`RunDir.stage` are exactly those that change its output.
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from harness.config import RunConfig
+from evals import quality
 from harness.rundir import RunDir, StageContext, StageResult, combine_digests, tree_digests
 from pipeline import augment, corpus, curate, data
 from pipeline.engine import TransformersEngine, bf16_supported
@@ -29,14 +31,19 @@ MODEL = "model"
 
 def base_model(cfg: RunConfig) -> StageResult:
     """The base model as a pseudo stage: its resolved location and a digest of its weights."""
-    resolved = resolve_base(cfg.model.base, cfg.model.revision)
+    return model_input(cfg.model.base, cfg.model.revision)
+
+
+def model_input(spec: str, revision: str | None = None, name: str = "base") -> StageResult:
+    """Any model spec as a pseudo stage, so stages can take it as an input like a trained model."""
+    resolved = resolve_base(spec, revision)
     path = Path(resolved)
     if path.is_dir():
         files = {k: v for k, v in tree_digests(path).items() if k.endswith((".safetensors", ".json", ".jinja"))}
         digest = combine_digests(files)
     else:
-        digest = f"{resolved}@{cfg.model.revision or 'main'}"
-    return StageResult("base", path, {"output_digest": digest, "resolved": resolved})
+        digest = f"{resolved}@{revision or 'main'}"
+    return StageResult(name, path, {"output_digest": digest, "resolved": resolved})
 
 
 def system_prompt(cfg: RunConfig) -> str | None:
@@ -47,14 +54,17 @@ def system_prompt(cfg: RunConfig) -> str | None:
 def make_engine(model_path: str, cfg: RunConfig, batch_size: int) -> TransformersEngine:
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
-    model = load_model(model_path)
+    device = cfg.engine.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(model_path).to(device)
     tokenizer = load_tokenizer(model_path, cfg.model.chat_template)
     autocast = cfg.engine.bf16 == "on" or (cfg.engine.bf16 == "auto" and bf16_supported())
     return TransformersEngine(model, tokenizer, batch_size=batch_size, autocast_bf16=autocast)
 
 
 def model_path(result: StageResult) -> str:
-    if result.name == "base":
+    if "resolved" in result.manifest:
         return result.manifest["resolved"]
     return str(result.path / MODEL)
 
@@ -63,16 +73,55 @@ def _sources(paths: list[str], cfg: RunConfig) -> list[str]:
     return [data.resolve_source(p, cfg.data.dir) for p in paths]
 
 
+@lru_cache(maxsize=4)
+def _contamination(data_dir: str | None, n: int) -> tuple[quality.ContaminationIndex | None, tuple[str, ...], dict]:
+    """The evaluation prompts' n-gram index, the sets missing, and the files' fingerprints."""
+    if data_dir is None:
+        return None, tuple(quality.EVAL_PROMPT_FILES), {}
+    sets, missing = quality.load_eval_prompt_sets(data_dir)
+    if missing:
+        log.warning("contamination check: no %s prompts under %s", ", ".join(missing), data_dir)
+    prints = {name: data.source_fingerprint(str(Path(data_dir) / rel))
+              for name, (rel, _) in quality.EVAL_PROMPT_FILES.items() if name in sets}
+    return (quality.ContaminationIndex(sets, n) if sets else None), tuple(missing), prints
+
+
+def contamination_settings(cfg: RunConfig) -> dict[str, Any]:
+    data_dir = cfg.eval.data_dir if cfg.eval.enabled else None
+    _, missing, prints = _contamination(data_dir, cfg.eval.contamination_n)
+    return {"n": cfg.eval.contamination_n, "fields": cfg.eval.contamination_fields, "sets": prints}
+
+
+def drop_contaminated(rows: list[dict[str, Any]], cfg: RunConfig) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """Rows sharing a word n-gram with any evaluation prompt are removed, with the sets they hit."""
+    data_dir = cfg.eval.data_dir if cfg.eval.enabled else None
+    index, missing, _ = _contamination(data_dir, cfg.eval.contamination_n)
+    if index is None:
+        return rows, [], {"contaminated": 0, "checked_against": [], "not_checked": list(missing)}
+    flags = {f["index"]: f["eval_sets"] for f in index.flag(rows, cfg.eval.contamination_fields)}
+    clean = [r for i, r in enumerate(rows) if i not in flags]
+    dropped = [{**r, "contamination": flags[i]} for i, r in enumerate(rows) if i in flags]
+    stats = {"contaminated": len(dropped), "checked_against": sorted(index.sizes), "not_checked": list(missing)}
+    return clean, dropped, stats
+
+
 def prepare_seed(run: RunDir, cfg: RunConfig) -> StageResult:
     sources = _sources(cfg.seed.path, cfg)
 
     def fn(ctx: StageContext) -> dict[str, Any]:
         loaded = data.load_pairs(sources, cfg.seed.instruction_field, cfg.seed.response_field, cfg.seed.limit)
-        write_jsonl(ctx.work / "data.jsonl", loaded.rows)
-        write_jsonl(ctx.work / "rejects.jsonl", (r.as_row() for r in loaded.rejects))
-        return loaded.stats()
+        rows, dropped, contamination = drop_contaminated(loaded.rows, cfg)
+        rejects = [r.as_row() for r in loaded.rejects]
+        rejects += [{"file": r["origin"], "line": None, "reason": f"contamination: overlaps {', '.join(r['contamination'])}",
+                     "preview": r["instruction"][:200]} for r in dropped]
+        if not rows:
+            raise data.DataError(f"every seed pair in {', '.join(sources)} overlaps an evaluation set")
+        write_jsonl(ctx.work / "data.jsonl", rows)
+        write_jsonl(ctx.work / "rejects.jsonl", rejects)
+        return {**loaded.stats(), "kept": len(rows), **contamination}
 
-    settings = {"seed": cfg.seed.model_dump(), "sources": {s: data.source_fingerprint(s) for s in sources}}
+    settings = {"seed": cfg.seed.model_dump(), "sources": {s: data.source_fingerprint(s) for s in sources},
+                "contamination": contamination_settings(cfg)}
     return run.stage("seed", fn, version="seed_v1", settings=settings)
 
 
@@ -188,6 +237,11 @@ def curate_candidates(run: RunDir, cfg: RunConfig, iteration: int, candidates: S
             work=ctx.scratch / "progress", chunk_size=cfg.curate.chunk_size, desc=f"curate iter {iteration}",
         )
         write_jsonl(ctx.work / "scores.jsonl", scores)
+        # The same curator on pairs whose quality is known, for precision and recall at k.
+        labelled = [{**r, "segment_id": f"labelled-{i}"} for i, r in enumerate(quality.load_labelled_pairs())]
+        checks = curate.score_pairs(engine, labelled, cfg.curate, system, seed=cfg.run.seed)
+        write_jsonl(ctx.work / "labelled_scores.jsonl",
+                    ({**c, "label": r["label"]} for c, r in zip(checks, labelled)))
         values = [s["score"] for s in scores]
         unscored = sum(v is None for v in values)
         return {"pairs": len(scores), "histogram": curate.score_histogram(values), "unscored": unscored,
@@ -203,8 +257,16 @@ def select_candidates(run: RunDir, cfg: RunConfig, iteration: int, candidates: S
         pairs = read_jsonl(ctx.inputs["candidates"].path / "candidates.jsonl")
         scored = read_jsonl(ctx.inputs["scores"].path / "scores.jsonl")
         kept, stats = curate.select_pairs(pairs, scored, cfg.select)
+        labelled = read_jsonl(ctx.inputs["scores"].path / "labelled_scores.jsonl")
+        stats["curator"] = quality.curator_precision_recall(
+            [r["label"] for r in labelled], [r["score"] for r in labelled], cfg.select.k)
+        kept, dropped, contamination = drop_contaminated(kept, cfg)
         write_jsonl(ctx.work / "data.jsonl", kept)
+        write_jsonl(ctx.work / "contaminated.jsonl", dropped)
+        stats.update(contamination, selected=len(kept), quality=quality.pair_metrics(kept))
+        stats["keep_rate"] = round(len(kept) / stats["candidates"], 4) if stats["candidates"] else 0.0
         return stats
 
-    return run.stage(f"iter_{iteration:02d}/select", fn, version="select_v1", settings={"select": cfg.select.model_dump()},
+    settings = {"select": cfg.select.model_dump(), "contamination": contamination_settings(cfg)}
+    return run.stage(f"iter_{iteration:02d}/select", fn, version="select_v1", settings=settings,
                      inputs={"candidates": candidates, "scores": scores})

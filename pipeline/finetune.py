@@ -201,9 +201,13 @@ def _top_layers(model, n: int | None) -> list[int] | None:
 
 
 def _point_adapter_at(out_dir: Path, base: str) -> None:
-    """Record the resolved base path in the adapter config, so loading needs no other state."""
+    """Record the resolved base path in the adapter config, so loading needs no other state, and
+    write it canonically: peft saves ``target_modules`` from a set, whose order changes with
+    Python's hash seed, which would change the stage's output digest from run to run."""
     path = out_dir / "adapter_config.json"
     cfg = json.loads(path.read_text())
     cfg["base_model_name_or_path"] = base
-    path.write_text(json.dumps(cfg, indent=2))
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 

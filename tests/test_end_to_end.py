@@ -11,20 +11,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.cli import EXIT_DATA, main
+from harness.cli import EXIT_DATA, EXIT_GATE, main
 from harness.config import load_config
 from harness.iterate import iterate, open_run
 from harness.rundir import DONE, MANIFEST, RunDir
 from pipeline.io import read_jsonl
+from conftest import SHARED_DATA
 
 pytestmark = pytest.mark.slow
 
 STAGES = ["seed", "corpus", "backward", "augment", "iter_00/finetune",
           "iter_01/curate", "iter_01/select", "iter_01/finetune",
           "iter_02/curate", "iter_02/select", "iter_02/finetune"]
+EVALS = ["judge_check", "base/eval", "iter_00/eval", "iter_01/eval", "iter_02/eval"]
 
 
-def tiny_overrides(model: Path) -> dict:
+def tiny_overrides(model: Path, shared: Path) -> dict:
     train = {"max_steps": 3, "batch_size": 4, "max_seq_len": 256, "bf16": "off", "learning_rate": 1e-3,
              "lora_target_modules": ["q_proj", "v_proj"]}
     return {
@@ -39,12 +41,17 @@ def tiny_overrides(model: Path) -> dict:
         "select": {"k": 3.0},
         "finetune": train,
         "engine": {"bf16": "off"},
+        "eval": {"data_dir": str(shared), "alpaca_subset": 3, "judge": "humpback_longest_fake", "judge_check_pairs": 2,
+                 "min_judge_accuracy": 0.5, "heldout_tasks": ["truthfulqa_mc1"], "heldout_limit": 2,
+                 "max_new_tokens": 12, "batch_size": 4},
+        "gate": {"metrics": [{"metric": "truthfulqa_mc1/acc", "abs_tol": 1.0},
+                             {"metric": "alpaca_eval/win_rate", "abs_tol": 100.0}]},
         "iterate": {"iterations": 2},
     }
 
 
 def write_config(tmp_path: Path, model: Path, **section_overrides) -> Path:
-    tree = tiny_overrides(model)
+    tree = tiny_overrides(model, SHARED_DATA)
     for key, value in section_overrides.items():
         tree[key] = {**tree.get(key, {}), **value}
     path = tmp_path / "tiny.yaml"
@@ -53,7 +60,7 @@ def write_config(tmp_path: Path, model: Path, **section_overrides) -> Path:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tiny_model, tmp_path_factory):
+def finished_run(tiny_model, shared_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     cfg = load_config(write_config(tmp, tiny_model))
     run = open_run(cfg, tmp / "run")
@@ -63,7 +70,7 @@ def finished_run(tiny_model, tmp_path_factory):
 
 def test_every_stage_committed_with_manifest(finished_run):
     _, run, summary = finished_run
-    for name in STAGES:
+    for name in STAGES + EVALS:
         path = run.root / name
         assert (path / DONE).exists(), name
         manifest = json.loads((path / MANIFEST).read_text())
@@ -91,7 +98,10 @@ def test_counts_add_up(finished_run):
         scores = read_jsonl(run.root / f"iter_{t:02d}" / "curate" / "scores.jsonl")
         assert sum(cur["histogram"].values()) == cur["pairs"] == len(candidates) == len(scores)
         expected = [s for s in scores if s["score"] is not None and s["score"] >= cfg.select.k]
-        assert sel["selected"] == len(expected) == len(read_jsonl(run.root / f"iter_{t:02d}" / "select" / "data.jsonl"))
+        assert sel["selected"] + sel["contaminated"] == len(expected)
+        assert sel["selected"] == len(read_jsonl(run.root / f"iter_{t:02d}" / "select" / "data.jsonl"))
+        assert sel["selected"] + sel["contaminated"] + sel["below_k"] + sel["unscored"] == sel["candidates"]
+        assert sel["curator"]["n"] == 40 and set(sel["quality"]) >= {"instruction_chars", "instruction_distinct_2"}
         assert ft["train_pairs"] == 12 + sel["selected"]
     assert stats["iter_00/finetune"]["train_pairs"] == 12
     # M_t is a LoRA adapter on the base model, not on M_{t-1} (the paper fine-tunes the base each time).
@@ -110,7 +120,7 @@ def test_rerun_skips_everything(finished_run):
     cfg, run, _ = finished_run
     again = RunDir(run.root)
     iterate(cfg, again)
-    assert set(again.results) == set(STAGES)
+    assert set(again.results) == set(STAGES + EVALS)
     assert all(r.skipped for r in again.results.values())
 
 
@@ -123,7 +133,7 @@ def test_changed_selection_reruns_only_what_follows(finished_run, tiny_model, tm
     rerun = {name for name, r in again.results.items() if not r.skipped}
     assert {"seed", "corpus", "backward", "augment", "iter_00/finetune", "iter_01/curate"}.isdisjoint(rerun)
     assert {"iter_01/select", "iter_01/finetune"} <= rerun
-    iterate(cfg, RunDir(run.root))  # restore for other tests
+    iterate(cfg, open_run(cfg, run.root))  # restore for other tests
 
 
 def test_stage_command_stops_after_its_stage(tiny_model, tmp_path, capsys):
@@ -150,10 +160,10 @@ def _env():
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-def test_killed_run_resumes_to_identical_outputs(tiny_model, tmp_path):
+def test_killed_run_resumes_to_identical_outputs(finished_run, tiny_model, tmp_path):
+    # The reference is the uninterrupted in-process run of the same config.
     cfg_path = write_config(tmp_path, tiny_model)
-    reference = tmp_path / "reference"
-    subprocess.run(_cli(cfg_path, reference), check=True, env=_env(), capture_output=True, timeout=600)
+    reference = finished_run[1].root
 
     interrupted = tmp_path / "interrupted"
     marker = interrupted / "augment.partial" / "_scratch" / "progress" / "chunks" / "00002.jsonl"
@@ -174,3 +184,69 @@ def test_killed_run_resumes_to_identical_outputs(tiny_model, tmp_path):
         a = json.loads((reference / name / MANIFEST).read_text())
         b = json.loads((interrupted / name / MANIFEST).read_text())
         assert a["output_digest"] == b["output_digest"], name
+
+
+def test_every_model_is_evaluated_with_provenance(finished_run):
+    _, run, _ = finished_run
+    summaries = {name: json.loads((run.root / name / "summary.json").read_text()) for name in EVALS[1:]}
+    names = None
+    for name, summary in summaries.items():
+        metrics = summary["metrics"]
+        assert {"alpaca_eval/win_rate", "truthfulqa_mc1/acc"} <= set(metrics)
+        for m in metrics.values():
+            assert {"value", "stderr", "n", "higher_is_better", "trusted", "provenance"} <= set(m)
+        assert metrics["alpaca_eval/win_rate"]["n"] == 3 and metrics["truthfulqa_mc1/acc"]["n"] == 2
+        names = names or set(metrics)
+        assert set(metrics) == names
+    # Same evaluation settings, different models: provenance must match so gates can compare.
+    provs = {json.dumps(s["metrics"]["truthfulqa_mc1/acc"]["provenance"], sort_keys=True) for s in summaries.values()}
+    assert len(provs) == 1
+    check = json.loads((run.root / "judge_check" / "judge_check.json").read_text())
+    assert check["n_judgments"] > 0 and "position_bias" in check
+
+
+def test_gates_written_and_passed(finished_run):
+    _, run, _ = finished_run
+    for t in (1, 2):
+        g = json.loads((run.root / f"iter_{t:02d}" / "gate.json").read_text())
+        assert g["passed"] and g["evaluated"]
+        checks = {d["check"] for d in g["decisions"]}
+        assert {"data/selected", "curation/unscored_rate", "data/contamination_rate", "truthfulqa_mc1/acc"} <= checks
+
+
+def test_report_and_tracking_written(finished_run):
+    _, run, _ = finished_run
+    assert (run.root / "report.md").exists() and (run.root / "report.html").exists()
+    assert (run.root.parent / "mlflow.db").exists()
+
+
+def test_failing_data_gate_stops_with_exit_status(finished_run, tiny_model, tmp_path, capsys):
+    _, run, _ = finished_run
+    cfg_path = write_config(tmp_path, tiny_model, gate={"min_selected": 1000})
+    code = main(["iterate", "--config", str(cfg_path), "--run-dir", str(run.root)])
+    assert code == EXIT_GATE
+    err = capsys.readouterr().err
+    assert "iteration 1 failed its gate" in err and "data/selected" in err and "below the minimum 1000" in err
+    gate_file = json.loads((run.root / "iter_01" / "gate.json").read_text())
+    assert not gate_file["passed"] and not gate_file["evaluated"]
+    assert main(["gate", str(run.root)]) == EXIT_GATE  # re-decided from disk: still failing
+    restored = load_config(write_config(tmp_path, tiny_model))
+    iterate(restored, open_run(restored, run.root))  # restore the run and its config.yaml
+
+
+def test_gate_command_redecides_from_disk(finished_run, tmp_path, capsys):
+    """An evaluator found untrusted after the fact: ``humpback gate`` refuses the comparison."""
+    import shutil
+
+    _, run, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run.root, copy, ignore=shutil.ignore_patterns("model"))
+    assert main(["gate", str(copy)]) == 0
+    path = copy / "iter_02" / "eval" / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["metrics"]["alpaca_eval/win_rate"]["trusted"] = False
+    path.write_text(json.dumps(summary))
+    capsys.readouterr()
+    assert main(["gate", str(copy)]) == EXIT_GATE
+    out = capsys.readouterr().out
+    assert "iter_02: FAIL" in out and "alpaca_eval/win_rate: refused: this iteration's evaluator is untrusted" in out

@@ -1,0 +1,145 @@
+"""harness.report on hand-made run directories: complete, partial and empty."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from harness import report  # noqa: E402 - after the importorskip
+
+WIN = "alpaca_eval/win_rate"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _write(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(obj, list):
+        path.write_text("".join(json.dumps(r) + "\n" for r in obj), encoding="utf-8")
+    else:
+        path.write_text(obj if isinstance(obj, str) else json.dumps(obj), encoding="utf-8")
+
+
+def _eval(win: float, trusted: bool = True) -> dict:
+    prov = {"config_digest": "cfg", "task_version": 1}
+    return {"model": "m", "metrics": {
+        WIN: {"value": win, "stderr": 0.05, "n": 32, "higher_is_better": True, "trusted": trusted,
+              "provenance": prov},
+        "ifeval/prompt_level_strict_acc": {"value": 0.25, "stderr": 0.01, "n": 32, "higher_is_better": True,
+                                           "trusted": True, "provenance": prov},
+    }, "judge_check": {"accuracy": 0.7, "position_bias": 0.1, "trusted": trusted, "n": 24}, "seconds": 3.0}
+
+
+def make_run(root: Path, *, untrusted_last: bool = True) -> Path:
+    """base, M0 and two iterations; iteration 2's judge is untrusted and its gate failed."""
+    run = root / "demo"
+    _write(run / "config.yaml", "run:\n  name: demo\nselect:\n  k: 4.0\ncurate:\n  mode: logprob\n")
+    _write(run / "seed" / "data.jsonl", [{"instruction": "abcd", "response": "r" * 40, "origin": "seed"}] * 3)
+    _write(run / "base" / "eval" / "summary.json", _eval(0.30))
+    for t in range(3):
+        it = run / f"iter_{t:02d}"
+        _write(it / "finetune" / "manifest.json", {"stats": {"train_pairs": 3 + 2 * t, "final_loss": 2.0 - 0.25 * t}})
+        _write(it / "eval" / "summary.json", _eval(0.40 + 0.1 * t, trusted=not (untrusted_last and t == 2)))
+        if t == 0:
+            continue
+        hist = {"1": 1, "2": 0, "3": 2, "4": 3, "5": t, "unscored": 1}
+        _write(it / "curate" / "manifest.json", {"stats": {"pairs": 7 + t, "histogram": hist, "unscored_rate": 0.125,
+                                                           "curator": {"precision": 0.8, "recall": 0.5}}})
+        quality = {"instruction_chars": {"mean": 20.0 + t, "std": 2.0}, "response_chars": {"mean": 300.0, "std": 9.0},
+                   "instruction_distinct_2": 0.7, "instruction_near_duplicate_rate": 0.0}
+        _write(it / "select" / "manifest.json", {"stats": {"candidates": 8, "selected": 3 + t,
+                                                           "keep_rate": (3 + t) / 8, "contaminated": 0,
+                                                           "quality": quality}})
+        decision = {"check": WIN, "passed": t == 1, "reason": "ok" if t == 1 else "refused: evaluator untrusted"}
+        _write(it / "gate.json", {"passed": t == 1, "baseline": "iter_00", "decisions": [decision]})
+    return run
+
+
+def _valid_png(path: Path) -> None:
+    from matplotlib.image import imread
+
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    height, width = imread(path).shape[:2]
+    assert height > 100 and width > 100
+
+
+def test_full_report(tmp_path):
+    run = make_run(tmp_path)
+    out = report.write_report(run)
+    assert out["columns"] == ["base", "iter_00", "iter_01", "iter_02"]
+    md = (run / "report.md").read_text(encoding="utf-8")
+    assert "| metric | base | iter_00 | iter_01 | iter_02 |" in md
+    assert f"| {WIN} | 0.300 ± 0.050 | 0.400 ± 0.050 | 0.500 ± 0.050 | 0.600 ± 0.050 † |" in md
+    assert "| keep rate | – | – | 0.500 | 0.625 |" in md
+    assert "| score histogram | – | – | 1:1 2:0 3:2 4:3 5:1 ?:1 | 1:1 2:0 3:2 4:3 5:2 ?:1 |" in md
+    assert "| instruction chars | – | – | 21.0 ± 2.0 | 22.0 ± 2.0 |" in md
+    assert "| gate | – | – | passed | FAILED |" in md
+    assert "† untrusted" in md and "- iter_02: alpaca_eval/win_rate: refused: evaluator untrusted" in md
+
+    names = {p.name for p in out["plots"]}
+    assert names == {"win_rate.png", "score_histograms.png", "keep_rate.png", "lengths.png"}
+    for path in out["plots"]:
+        assert path.parent == run / "plots" and f"](plots/{path.name})" in md
+        _valid_png(path)
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert page.count("src='data:image/png;base64,") == 4  # self-contained: no file references
+    assert "<td>0.600 ± 0.050 †</td>" in page
+
+
+def test_summary_table_for_the_terminal(tmp_path):
+    text = report.summary_table(make_run(tmp_path))
+    lines = text.splitlines()
+    assert lines[0].split() == ["metric", "base", "iter_00", "iter_01", "iter_02"]
+    win = next(line for line in lines if line.startswith(WIN))
+    assert win.split("  ")[-1].strip() == "0.600 ± 0.050 †"
+    assert any(line.split() == ["train", "pairs", "–", "3", "5", "7"] for line in lines)
+    assert "gate failed: iter_02" in text
+
+
+def test_missing_pieces_render_as_dashes(tmp_path):
+    run = make_run(tmp_path, untrusted_last=False)
+    (run / "base" / "eval" / "summary.json").unlink()  # base never evaluated
+    (run / "iter_02" / "eval" / "summary.json").unlink()  # iteration 2 still evaluating
+    for stage in ("select", "finetune"):
+        (run / "iter_02" / stage / "manifest.json").unlink()
+    (run / "iter_02" / "gate.json").unlink()
+    _write(run / "iter_01" / "eval" / "summary.json", "{not json")  # half-written
+    out = report.write_report(run)
+    md = out["markdown"].read_text(encoding="utf-8")
+    assert f"| {WIN} | – | 0.400 ± 0.050 | – | – |" in md
+    assert "| keep rate | – | – | 0.500 | – |" in md
+    assert "| gate | – | – | passed | – |" in md
+    assert "†" not in md
+    assert {p.name for p in out["plots"]} == {"win_rate.png", "score_histograms.png", "keep_rate.png", "lengths.png"}
+    assert "iter_02" in report.summary_table(run)
+
+
+def test_empty_run_dir_and_stale_plots(tmp_path):
+    run = tmp_path / "fresh"
+    run.mkdir()
+    (run / "plots").mkdir()
+    (run / "plots" / "win_rate.png").write_bytes(b"stale")
+    out = report.write_report(run)
+    assert out["plots"] == [] and not (run / "plots" / "win_rate.png").exists()
+    md = out["markdown"].read_text(encoding="utf-8")
+    assert "No evaluation results yet." in md and "| train pairs | – |" in md
+    assert out["html"].read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert "(no evaluation results yet)" in report.summary_table(run)
+
+
+@pytest.mark.parametrize(
+    "metric, cell",
+    [
+        (None, "–"),
+        ({"value": None, "stderr": 0.1}, "–"),
+        ({"value": 0.42}, "0.420"),
+        ({"value": 0.42, "stderr": 0.05, "trusted": False}, "0.420 ± 0.050 †"),
+        ({"value": 12.5, "stderr": 0.25}, "12.5 ± 0.2"),
+        ({"value": float("nan"), "stderr": 0.1}, "–"),
+    ],
+)
+def test_metric_cell(metric, cell):
+    assert report.metric_cell(metric) == cell
