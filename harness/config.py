@@ -244,6 +244,14 @@ class GateSection(_Section):
 
 
 class TrackingSection(_Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _off_is_not_false(cls, data: Any) -> Any:
+        # In a YAML file, `uri: off` arrives as False.
+        if isinstance(data, dict) and data.get("uri") is False:
+            data = {**data, "uri": "off"}
+        return data
+
     uri: str | None = None
     """MLflow tracking URI: None for a local database under ``run.root`` (``mlflow.db``), ``off``
     to disable, or a server such as ``http://127.0.0.1:5000``."""
@@ -322,6 +330,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from exc
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        value = raw.strip()  # YAML 1.1 reads on/off/yes/no as booleans; keep the word, let the type decide
     return key, value
 
 

@@ -78,3 +78,12 @@ def test_every_key_is_settable():
         if value is None or isinstance(value, (list, dict)):
             continue
         load_config(None, [f"{key}={value}"])
+
+
+def test_yaml_1_1_booleans_stay_words_where_a_string_is_wanted(tmp_path):
+    assert load_config(None, ["tracking.uri=off"]).tracking.uri == "off"
+    assert load_config(None, ["eval.enabled=false"]).eval.enabled is False
+    assert load_config(None, ["eval.enabled=off"]).eval.enabled is False  # pydantic reads "off" as False
+    path = tmp_path / "c.yaml"
+    path.write_text("tracking:\n  uri: off\n")
+    assert load_config(path).tracking.uri == "off"
