@@ -534,7 +534,7 @@ def win_rate_metrics(annotations: pd.DataFrame | Sequence[dict[str, Any]]) -> di
 
 
 @contextlib.contextmanager
-def _hub_files_offline(lc_data_dir: str | Path | None):
+def _hub_files_offline(lc_data_dir: str | Path | None, allow_download: bool = False):
     """While active, alpaca_eval's GLM reads its hub files (``df_gamed.csv``,
     ``instruction_difficulty.csv`` of the dataset ``tatsu-lab/alpaca_eval``) from ``lc_data_dir``
     or the local hub cache, and never from the network; a missing file raises FileNotFoundError."""
@@ -547,6 +547,8 @@ def _hub_files_offline(lc_data_dir: str | Path | None):
         cached = try_to_load_from_cache(repo_id, filename, repo_type=repo_type)
         if isinstance(cached, str):
             return cached
+        if allow_download:
+            return original(repo_id=repo_id, filename=filename, repo_type=repo_type)
         raise FileNotFoundError(
             f"{filename} of the {repo_type} {repo_id} (Hugging Face hub) is needed by alpaca_eval's "
             f"length-controlled GLM and is not available offline: put it in lc_data_dir"
@@ -561,7 +563,8 @@ def _hub_files_offline(lc_data_dir: str | Path | None):
 
 
 def length_controlled_metrics(
-    annotations: pd.DataFrame, indices: Sequence[int] | None, lc_data_dir: str | Path | None = None
+    annotations: pd.DataFrame, indices: Sequence[int] | None, lc_data_dir: str | Path | None = None,
+    allow_download: bool = False,
 ) -> dict[str, Any]:
     """alpaca_eval's length-controlled win rate, or None with the reason it cannot be had.
 
@@ -571,6 +574,7 @@ def length_controlled_metrics(
         indices: each row's position in the full AlpacaEval set; the GLM looks up each
             instruction's difficulty by it.
         lc_data_dir: a directory holding the GLM's hub files, if not in the hub cache.
+        allow_download: fetch those files from the hub when neither place has them.
     """
     none = {"length_controlled_win_rate": None, "lc_standard_error": None}
     if indices is None:
@@ -579,7 +583,7 @@ def length_controlled_metrics(
     df.index = pd.Index(list(indices))
     df = df[df["preference"].notna()]
     try:
-        with _hub_files_offline(lc_data_dir), warnings.catch_warnings():
+        with _hub_files_offline(lc_data_dir, allow_download), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             raw = ae_metrics.get_length_controlled_winrate(df, save_weights_dir=None, is_add_glm_preference_inplace=False)
     except Exception as exc:  # alpaca_eval raises anything from file errors to sklearn's on tiny sets
@@ -608,6 +612,7 @@ def score_alpaca_eval(
     lc_data_dir: str | Path | None = None,
     chunksize: int = 32,
     cache_dir: str | Path | None = None,
+    lc_download: bool = False,
 ) -> dict[str, Any]:
     """Judge the model's outputs against the reference's with alpaca_eval and score them.
 
@@ -625,6 +630,7 @@ def score_alpaca_eval(
         judge: a :class:`Judge` already set up (its engine is reused); overrides the two above.
         lc_data_dir: where alpaca_eval's length-controlled GLM files are, if not in the hub cache.
         chunksize: pairs judged between two writes of the cache.
+        lc_download: let alpaca_eval fetch its length-controlled GLM files from the hub.
         cache_dir: where the judge cache lives, if not in ``out_dir`` (a run keeps one cache for
             all its evaluations, so re-evaluating a model re-judges nothing already judged).
 
@@ -666,7 +672,7 @@ def score_alpaca_eval(
         indices = list(range(805))  # the full set, in AlpacaEval's order
     else:
         indices = None
-    result.update(length_controlled_metrics(annotations, indices, lc_data_dir))
+    result.update(length_controlled_metrics(annotations, indices, lc_data_dir, lc_download))
     result.update(
         avg_length=int(model_df["output"].str.len().mean()) if len(model_df) else 0,
         judged_now=len(pairs) - reused,

@@ -204,6 +204,12 @@ class EvalSection(_Section):
     alpaca_reference: str = "text_davinci_003"
     """``text_davinci_003`` (AlpacaEval 1, the paper's), ``gpt4_turbo`` (AlpacaEval 2), or a path to
     another model's AlpacaEval outputs JSON."""
+    alpaca_lc_data_dir: str | None = None
+    """Folder with alpaca_eval's length-controlled GLM files (``df_gamed.csv``,
+    ``instruction_difficulty.csv`` from the hub dataset tatsu-lab/alpaca_eval); without them, and
+    without ``alpaca_lc_download``, the LC win rate is reported unavailable with the reason."""
+    alpaca_lc_download: bool = False
+    """Let alpaca_eval download those files from the Hugging Face hub (needs internet)."""
     judge: str = "humpback_local_logprob"
     """An annotator config: ours in ``evals/annotators/`` or any alpaca_eval ships (the GPT-4
     ones need OPENAI_API_KEY)."""

@@ -37,7 +37,7 @@ def eval_settings(cfg: RunConfig) -> dict[str, Any]:
     """What defines an evaluation, apart from the model evaluated."""
     ev = cfg.eval.model_dump()
     keep = ("data_dir", "seed", "batch_size", "max_new_tokens", "alpaca_subset", "alpaca_reference", "judge",
-            "heldout_tasks", "heldout_limit")
+            "heldout_tasks", "heldout_limit", "alpaca_lc_data_dir", "alpaca_lc_download")
     return {**{k: ev[k] for k in keep}, "judge_model": judge_model_spec(cfg), "system": stages.system_prompt(cfg)}
 
 
@@ -104,7 +104,8 @@ def _alpaca_metrics(cfg, prefix, model_path, out_dir: Path, cache: Path, check: 
     write_jsonl(out_dir / "model_outputs.jsonl", outputs)
     del engine  # free the model before the judge loads
     judge = alpaca.Judge(ev.judge, _judge_model(cfg), batch_size=ev.batch_size)
-    result = alpaca.score_alpaca_eval(outputs, instructions, out_dir, judge=judge, cache_dir=cache)
+    result = alpaca.score_alpaca_eval(outputs, instructions, out_dir, judge=judge, cache_dir=cache,
+                                      lc_data_dir=ev.alpaca_lc_data_dir, lc_download=ev.alpaca_lc_download)
     provenance = {"eval_config": settings_digest(settings), "judge": judge.identity(),
                   "reference": instructions.provenance().get("reference")}
     trusted = bool(check.get("trusted"))

@@ -186,8 +186,8 @@ def _data_rows() -> list[tuple[str, Callable[[RunView, str], str]]]:
         ("pairs rated", stat("curate", "pairs")),
         ("score histogram", lambda v, c: _histogram_cell(v.stat(c, "curate", "histogram"))),
         ("unscored rate", stat("curate", "unscored_rate")),
-        ("curator precision", stat("curate", "curator", "precision")),
-        ("curator recall", stat("curate", "curator", "recall")),
+        ("curator precision", stat("select", "curator", "precision")),  # P/R depend on k, so select owns them
+        ("curator recall", stat("select", "curator", "recall")),
         ("selected", stat("select", "selected")),
         ("keep rate", stat("select", "keep_rate")),
         ("instruction chars", lambda v, c: _mean_std_cell(v.stat(c, "select", "quality", "instruction_chars"))),

@@ -223,7 +223,7 @@ def curation_metrics(curate: dict[str, Any], select: dict[str, Any]) -> dict[str
     for key, value in (curate.get("histogram") or {}).items():
         out[f"curation/score_hist_{key}"] = value
     out["curation/unscored_rate"] = curate.get("unscored_rate")
-    for key, value in (curate.get("curator") or {}).items():
+    for key, value in (select.get("curator") or curate.get("curator") or {}).items():
         out[f"curation/curator_{key}"] = value
     for key in ("keep_rate", "selected", "candidates", "k"):
         out[f"curation/{key}"] = select.get(key)

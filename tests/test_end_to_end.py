@@ -250,3 +250,14 @@ def test_gate_command_redecides_from_disk(finished_run, tmp_path, capsys):
     assert main(["gate", str(copy)]) == EXIT_GATE
     out = capsys.readouterr().out
     assert "iter_02: FAIL" in out and "alpaca_eval/win_rate: refused: this iteration's evaluator is untrusted" in out
+
+
+def test_standalone_eval_writes_the_same_layout(tiny_model, shared_data, tmp_path, capsys):
+    cfg_path = write_config(tmp_path, tiny_model)
+    out = tmp_path / "eval-tiny"
+    assert main(["eval", "--model", str(tiny_model), "--config", str(cfg_path), "--out", str(out)]) == 0
+    summary = json.loads((out / "model" / "eval" / "summary.json").read_text())
+    assert summary["model"] == "model" and "alpaca_eval/win_rate" in summary["metrics"]
+    assert (out / "judge_check" / "judge_check.json").exists()
+    assert (out / "model" / "eval" / "alpaca" / "model_outputs.jsonl").exists()
+    assert json.loads(capsys.readouterr().out)["metrics"].keys() == summary["metrics"].keys()

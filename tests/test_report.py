@@ -46,12 +46,12 @@ def make_run(root: Path, *, untrusted_last: bool = True) -> Path:
         if t == 0:
             continue
         hist = {"1": 1, "2": 0, "3": 2, "4": 3, "5": t, "unscored": 1}
-        _write(it / "curate" / "manifest.json", {"stats": {"pairs": 7 + t, "histogram": hist, "unscored_rate": 0.125,
-                                                           "curator": {"precision": 0.8, "recall": 0.5}}})
+        _write(it / "curate" / "manifest.json", {"stats": {"pairs": 7 + t, "histogram": hist, "unscored_rate": 0.125}})
         quality = {"instruction_chars": {"mean": 20.0 + t, "std": 2.0}, "response_chars": {"mean": 300.0, "std": 9.0},
                    "instruction_distinct_2": 0.7, "instruction_near_duplicate_rate": 0.0}
         _write(it / "select" / "manifest.json", {"stats": {"candidates": 8, "selected": 3 + t,
                                                            "keep_rate": (3 + t) / 8, "contaminated": 0,
+                                                           "curator": {"precision": 0.8, "recall": 0.5},
                                                            "quality": quality}})
         decision = {"check": WIN, "passed": t == 1, "reason": "ok" if t == 1 else "refused: evaluator untrusted"}
         _write(it / "gate.json", {"passed": t == 1, "baseline": "iter_00", "decisions": [decision]})

@@ -65,8 +65,7 @@ def make_run(root: Path, name: str = "demo", gates: dict[int, bool] | None = Non
             continue
         hist = {"1": 1, "2": 1, "3": 2, "4": 2 + t, "5": 1, "unscored": 1 - (t - 1)}
         _write(it / "curate" / "manifest.json", _manifest("curate", f"cur{t}", {
-            "pairs": 8, "histogram": hist, "unscored_rate": 0.125, "mode": "logprob",
-            "curator": {"precision": 0.8, "recall": 0.6}}))
+            "pairs": 8, "histogram": hist, "unscored_rate": 0.125, "mode": "logprob"}))
         selected = [dict(c, score=4.0) for c in cands[: 2 + t]]
         _write(it / "select" / "data.jsonl", selected)
         quality = {"instruction_chars": {"mean": 20.0 + t, "std": 2.0}, "response_chars": {"mean": 300.0, "std": 9.0},
@@ -74,7 +73,7 @@ def make_run(root: Path, name: str = "demo", gates: dict[int, bool] | None = Non
                    "instruction_near_duplicate_rate": 0.0}
         _write(it / "select" / "manifest.json", _manifest("select", f"seldigest{t:07d}", {
             "candidates": 8, "selected": 2 + t, "keep_rate": (2 + t) / 8, "unscored": 1, "k": 4.0,
-            "contaminated": 0, "quality": quality}))
+            "contaminated": 0, "curator": {"precision": 0.8, "recall": 0.6}, "quality": quality}))
         passed = gates[t]
         decisions = [{"check": WIN, "passed": passed, "reason": "ok" if passed else "dropped from 0.5 to 0.3",
                       "current": 0.4, "baseline": 0.5, "threshold": 0.1}]

@@ -1,0 +1,232 @@
+"""Regression check: a results file against the committed baseline (``baselines/cpu.json``).
+
+A workload regresses when its machine-normalized throughput (throughput / measured matmul peak)
+falls more than the baseline's tolerance below the baseline's value. Faster is never a failure.
+
+    python -m benchmarks.check [--results FILE] [--baseline FILE] [--tolerance X]
+    python -m benchmarks.check --write-baseline RUN.json [RUN.json ...] [--baseline FILE]
+
+Exit status: 0 no regression, 1 a workload regressed (or is missing), 2 unusable input.
+
+Writing a baseline takes several runs of the same profile: the baseline value is the median of
+the runs' medians, and each workload's tolerance comes from how far those runs spread (see
+:func:`tolerance_for`). Standard library only, so the check and its tests start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_BASELINE = HERE / "baselines" / "cpu.json"
+DEFAULT_RESULTS = HERE / "results" / "check.json"
+
+EXIT_OK, EXIT_REGRESSION, EXIT_USAGE = 0, 1, 2
+
+SPREAD_FACTOR = 2.0
+MIN_TOLERANCE = 0.15
+MAX_TOLERANCE = 0.40
+TOLERANCE_RULE = (
+    f"tolerance = clamp({SPREAD_FACTOR:g} x spread, {MIN_TOLERANCE:g}, {MAX_TOLERANCE:g}), where spread = "
+    "(max - min) / median of the workload's normalized throughput over the baseline runs (each run "
+    "itself the median of its rounds). Twice the observed spread because a handful of runs "
+    "underestimates the true range on a shared machine; at least 15% because this 2-core VM's "
+    "neighbours move single runs by ~10% even when the recorded runs happened to agree; at most 40% "
+    "so that a halved throughput always fails."
+)
+
+
+class CheckError(ValueError):
+    """The results or baseline file cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One workload's comparison."""
+
+    workload: str
+    baseline: float | None
+    current: float | None
+    tolerance: float
+    unit: str = ""
+    reason: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.baseline is None or self.current is None or not self.baseline:
+            return None
+        return self.current / self.baseline
+
+    @property
+    def ok(self) -> bool:
+        if self.baseline is None:
+            return True  # a new workload: nothing to regress from
+        if self.current is None:
+            return False
+        return self.current >= self.baseline * (1.0 - self.tolerance)
+
+
+def load_json(path: str | Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckError(f"{what} file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise CheckError(f"{what} file {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("workloads"), dict):
+        raise CheckError(f"{what} file {path} has no 'workloads' mapping")
+    return data
+
+
+def compare(results: dict[str, Any], baseline: dict[str, Any], tolerance: float | None = None) -> list[Verdict]:
+    """A verdict per workload in the baseline (missing ones fail) and per new workload (pass).
+
+    Args:
+        results: a results file's content (``benchmarks/results/*.json``).
+        baseline: the baseline's content.
+        tolerance: overrides every workload's stored tolerance when given.
+    """
+    if results.get("profile") != baseline.get("profile"):
+        raise CheckError(f"results are from profile {results.get('profile')!r} but the baseline is for "
+                         f"{baseline.get('profile')!r}; run the same profile")
+    verdicts = []
+    for name, base in baseline["workloads"].items():
+        tol = tolerance if tolerance is not None else float(base.get("tolerance", MIN_TOLERANCE))
+        cur = results["workloads"].get(name)
+        if cur is None:
+            verdicts.append(Verdict(name, base["normalized"], None, tol, base.get("normalized_unit", ""),
+                                    "not measured in this run"))
+        else:
+            verdicts.append(Verdict(name, base["normalized"], cur["normalized"], tol, cur.get("normalized_unit", "")))
+    for name, cur in results["workloads"].items():
+        if name not in baseline["workloads"]:
+            verdicts.append(Verdict(name, None, cur["normalized"], 0.0, cur.get("normalized_unit", ""),
+                                    "no baseline yet"))
+    return verdicts
+
+
+def format_verdicts(verdicts: Sequence[Verdict]) -> str:
+    """One line per workload with both numbers, their ratio and the allowed drop."""
+    lines = [f"{'workload':<17} {'baseline':>10} {'current':>10} {'ratio':>7} {'allowed':>8}  verdict"]
+    for v in verdicts:
+        base = "n/a" if v.baseline is None else f"{v.baseline:.4f}"
+        cur = "n/a" if v.current is None else f"{v.current:.4f}"
+        ratio = "n/a" if v.ratio is None else f"{v.ratio:.3f}"
+        allowed = f">= {1 - v.tolerance:.2f}" if v.baseline is not None else ""
+        if v.ok:
+            verdict = "ok" + (f" ({v.reason})" if v.reason else "")
+        else:
+            verdict = "REGRESSION: " + (v.reason or f"{(1 - v.ratio) * 100:.0f}% below baseline, "
+                                                    f"more than the {v.tolerance * 100:.0f}% tolerance")
+        lines.append(f"{v.workload:<17} {base:>10} {cur:>10} {ratio:>7} {allowed:>8}  {verdict}  {v.unit}")
+    return "\n".join(lines)
+
+
+def machine_note(results: dict[str, Any], baseline: dict[str, Any]) -> str | None:
+    """A warning when the baseline was measured on another kind of machine."""
+    a, b = results.get("machine", {}), baseline.get("machine", {})
+    keys = [k for k in ("cpu", "threads", "torch") if a.get(k) != b.get(k)]
+    if not keys:
+        return None
+    diff = ", ".join(f"{k}: baseline {b.get(k)!r}, now {a.get(k)!r}" for k in keys)
+    return f"note: different machine or software ({diff}); normalized numbers transfer only roughly"
+
+
+def tolerance_for(values: Sequence[float]) -> tuple[float, float]:
+    """(tolerance, spread) for one workload's per-run normalized throughputs."""
+    med = statistics.median(values)
+    spread = (max(values) - min(values)) / med if med else 0.0
+    return min(MAX_TOLERANCE, max(MIN_TOLERANCE, SPREAD_FACTOR * spread)), spread
+
+
+def build_baseline(runs: Sequence[dict[str, Any]], sources: Sequence[str] = ()) -> dict[str, Any]:
+    """A baseline from several runs of one profile: median value and spread-based tolerance."""
+    if not runs:
+        raise CheckError("no runs to build a baseline from")
+    profiles = {r.get("profile") for r in runs}
+    if len(profiles) != 1:
+        raise CheckError(f"runs mix profiles {sorted(map(str, profiles))}")
+    names = [n for n in runs[0]["workloads"] if all(n in r["workloads"] for r in runs)]
+    workloads = {}
+    for name in names:
+        values = [r["workloads"][name]["normalized"] for r in runs]
+        raw = [r["workloads"][name]["throughput"] for r in runs]
+        tol, spread = tolerance_for(values)
+        first = runs[0]["workloads"][name]
+        workloads[name] = {
+            "normalized": round(statistics.median(values), 5),
+            "normalized_unit": first.get("normalized_unit", ""),
+            "tolerance": round(tol, 3),
+            "spread": round(spread, 4),
+            "runs": [round(v, 5) for v in values],
+            "throughput": round(statistics.median(raw), 3),
+            "unit": first.get("unit", ""),
+            "path": first.get("path", ""),
+        }
+    peaks = {k: round(statistics.median(r["peaks"][k]["gflops"] for r in runs), 2) for k in ("bf16", "fp32")}
+    return {
+        "profile": runs[0]["profile"],
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": runs[0].get("machine", {}),
+        "model": runs[0].get("model", {}),
+        "peaks_gflops": peaks,
+        "peak_runs": {k: [r["peaks"][k]["gflops"] for r in runs] for k in ("bf16", "fp32")},
+        "runs": len(runs),
+        "sources": list(sources),
+        "tolerance_rule": TOLERANCE_RULE,
+        "workloads": workloads,
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default=str(DEFAULT_RESULTS), help="results JSON of the run to check")
+    p.add_argument("--baseline", default=str(DEFAULT_BASELINE), help="baseline JSON (read, or written)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="allowed relative drop for every workload, instead of the baseline's own")
+    p.add_argument("--write-baseline", nargs="+", metavar="RUN", default=None,
+                   help="write the baseline from these results files instead of checking")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.write_baseline:
+            runs = [load_json(p, "results") for p in args.write_baseline]
+            baseline = build_baseline(runs, [Path(p).name for p in args.write_baseline])
+            Path(args.baseline).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.baseline).write_text(json.dumps(baseline, indent=2) + "\n", encoding="utf-8")
+            print(f"wrote {args.baseline} from {len(runs)} runs ({baseline['profile']} profile)")
+            for name, w in baseline["workloads"].items():
+                print(f"  {name:<17} {w['normalized']:.4f} {w['normalized_unit']:<13} spread "
+                      f"{w['spread'] * 100:4.1f}%  tolerance {w['tolerance'] * 100:.0f}%")
+            return EXIT_OK
+        results = load_json(args.results, "results")
+        baseline = load_json(args.baseline, "baseline")
+        verdicts = compare(results, baseline, args.tolerance)
+    except CheckError as exc:
+        print(f"benchmarks.check: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"normalized throughput (throughput / measured peak GFLOP/s), {args.results} vs {args.baseline}:")
+    print(format_verdicts(verdicts))
+    note = machine_note(results, baseline)
+    if note:
+        print(note)
+    failed = [v.workload for v in verdicts if not v.ok]
+    if failed:
+        print(f"FAILED: {', '.join(failed)} below baseline by more than the tolerance")
+        return EXIT_REGRESSION
+    print("ok: no workload below its baseline by more than its tolerance")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

