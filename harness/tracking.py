@@ -424,8 +424,6 @@ def _parent_tags(run_dir: Path, digest: str) -> dict[str, str]:
 
 def _parent_run(client: Any, exp_id: str, run_dir: Path, config: dict[str, Any]) -> tuple[str, bool]:
     """The parent run of this run directory and config (found by tags), or a new one."""
-    from mlflow.entities import Param
-
     digest = settings_digest(config)
     # Filter on the digest only and compare the path here: a path may hold quotes.
     for run in client.search_runs([exp_id], filter_string=f"tags.`{TAG_CONFIG}` = '{digest}'"):
@@ -434,10 +432,16 @@ def _parent_run(client: Any, exp_id: str, run_dir: Path, config: dict[str, Any])
             return run.info.run_id, False
     name = (config.get("run") or {}).get("name") or run_dir.name
     run_id = client.create_run(exp_id, tags=_parent_tags(run_dir, digest), run_name=name).info.run_id
+    _log_params(client, run_id, config)
+    return run_id, True
+
+
+def _log_params(client: Any, run_id: str, config: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
     params = [Param(k, v[:6000]) for k, v in flatten(config).items()]
     for batch in _batches(params, 100):  # MLflow's per-call limit
         client.log_batch(run_id, params=batch)
-    return run_id, True
 
 
 def _children(client: Any, exp_id: str, parent_id: str) -> dict[str, Any]:
@@ -492,6 +496,8 @@ def _log_iteration(client: Any, exp_id: str, parent_id: str, run_dir: Path, name
     if created:
         tags = {PARENT_TAG: parent_id, TAG_ITERATION: name, TAG_RUN_DIR: str(run_dir)}
         child = client.create_run(exp_id, tags=tags, run_name=name)
+        # The config on every child too: MLflow's compare view shows the selected runs' own params.
+        _log_params(client, child.info.run_id, read_config(run_dir))
     run_id, known = child.info.run_id, child.data.metrics
     metrics = {k: v for k, v in iteration_metrics(run_dir, name).items() if known.get(k) != v}
     # Parent first: after a crash in between, the child lacks the metric and both get it again.
