@@ -153,3 +153,32 @@ def evaluate_standalone(cfg: RunConfig, model_spec: str, out: str | Path | None)
     check = check_judge_stage(run, cfg)
     result = evaluate_model(run, cfg, "model", model, check)
     return json.loads((result.path / "summary.json").read_text())
+
+
+def check_eval_inputs(cfg: RunConfig) -> None:
+    """Fail before any work when evaluation data is missing, rather than after training.
+
+    Raises:
+        DataError: naming what is missing and the settings that fix it.
+    """
+    from evals import alpaca
+    from evals.heldout import HeldoutError, data_files
+    from pipeline.data import DataError
+
+    ev = cfg.eval
+    if not ev.enabled:
+        return
+    hint = ("set eval.data_dir to a folder laid out like ../shared/data (alpaca_eval/, heldout/), "
+            "or eval.enabled=false to run the pipeline without evaluation")
+    if ev.data_dir is None or not Path(ev.data_dir).is_dir():
+        raise DataError(f"evaluation data directory {ev.data_dir!r} does not exist: {hint}")
+    try:
+        _, path = alpaca._reference_path(alpaca._alpaca_eval_dir(ev.data_dir), ev.alpaca_reference)
+        if not path.is_file():
+            raise DataError(f"AlpacaEval reference outputs not found: {path}: {hint}")
+        if ev.heldout_tasks:
+            data_files(ev.heldout_tasks, Path(ev.data_dir))
+    except (HeldoutError, ValueError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"{exc}: {hint}") from exc

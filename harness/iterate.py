@@ -64,6 +64,7 @@ def iterate(cfg: RunConfig, run: RunDir, stop_after: str | None = None) -> dict[
             done(evaluate.evaluate_model(run, cfg, prefix, model, check))
 
     failure: GateFailed | None = None
+    evaluate.check_eval_inputs(cfg)
     try:
         seed = done(stages.prepare_seed(run, cfg))                    # human-written seed pairs
         segments = done(stages.prepare_corpus(run, cfg))              # unlabelled segments

@@ -29,3 +29,13 @@ def test_missing_eval_data_is_reported_not_hidden(tmp_path):
     cfg = load_config(None, [f"eval.data_dir={tmp_path / 'nowhere'}"])
     result = prepare_seed(RunDir(tmp_path / "run"), cfg)
     assert result.stats["checked_against"] == [] and len(result.stats["not_checked"]) == 4
+
+
+def test_missing_eval_data_fails_before_any_work(tmp_path, capsys):
+    from harness.cli import EXIT_DATA, main
+
+    code = main(["iterate", "--run-dir", str(tmp_path / "run"), f"eval.data_dir={tmp_path / 'nowhere'}"])
+    assert code == EXIT_DATA
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "eval.enabled=false" in err
+    assert not (tmp_path / "run" / "seed").exists()
