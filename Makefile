@@ -9,13 +9,16 @@ STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= configs/demo.yaml
 ARGS   ?=
 
-.PHONY: help setup test test-fast iterate-and-eval mlflow-ui lint clean clean-runs
+.PHONY: help setup test test-fast iterate-and-eval bench bench-check bench-baseline mlflow-ui clean clean-runs
 
 help:
 	@echo "make iterate-and-eval   run the demo loop (CONFIG=$(CONFIG), extra overrides in ARGS='key=value ...')"
 	@echo "make test               run the test suite (offline, CPU)"
 	@echo "make test-fast          tests without the end-to-end runs"
 	@echo "make setup              create $(VENV) and install everything"
+	@echo "make bench              throughput benchmarks on SmolLM2-135M (table + JSON in benchmarks/results/)"
+	@echo "make bench-check        short benchmark run, fails below the committed baseline's tolerance"
+	@echo "make bench-baseline     rewrite benchmarks/baselines/cpu.json from 5 short runs (on purpose only)"
 	@echo "make mlflow-ui          serve MLflow's UI for runs/ on http://127.0.0.1:5000"
 	@echo "make clean-runs         delete runs/ (all run directories)"
 
@@ -39,6 +42,20 @@ test-fast: $(STAMP)
 
 iterate-and-eval: $(STAMP)
 	$(VENV)/bin/humpback iterate --config $(CONFIG) $(ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/pytest benchmarks -p no:cacheprovider --bench-profile full
+
+bench-check: $(STAMP)
+	$(VENV)/bin/pytest benchmarks -q -p no:cacheprovider --bench-profile quick --bench-out benchmarks/results/check.json
+	$(VENV)/bin/python -m benchmarks.check --results benchmarks/results/check.json
+
+bench-baseline: $(STAMP)
+	for i in 1 2 3 4 5; do \
+	  $(VENV)/bin/pytest benchmarks -q -p no:cacheprovider --bench-profile quick \
+	    --bench-out benchmarks/results/baseline-run-$$i.json || exit 1; \
+	done
+	$(VENV)/bin/python -m benchmarks.check --write-baseline benchmarks/results/baseline-run-*.json
 
 mlflow-ui: $(STAMP)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false MLFLOW_DISABLE_TELEMETRY=true \

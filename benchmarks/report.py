@@ -30,6 +30,11 @@ def _round(x: float | None, digits: int = 4) -> float | None:
     return None if x is None else round(x, digits)
 
 
+def sig(x: float, digits: int = 6) -> float:
+    """``x`` to significant digits: curation's pairs per GFLOP are around 0.002."""
+    return float(f"{x:.{digits}g}")
+
+
 def workload_entry(
     *, path: str, counts: str, dtype: str, rounds: Iterable[Any], parameters: int,
     peaks: dict[str, dict], extra: dict[str, Any] | None = None,
@@ -68,7 +73,7 @@ def workload_entry(
         "peak_gflops": peak,
         "mfu": _round(med_gflops / peak, 4),
         "mfu_vs_bf16_peak": _round(med_gflops / peaks["bf16"]["gflops"], 4),
-        "normalized": _round(med / peak, 5),
+        "normalized": sig(med / peak),
         "normalized_unit": NORM_UNITS[counts],
         "spread": _round((max(through) - min(through)) / med if med else 0.0, 4),
         **({"extra": extra} if extra else {}),
@@ -167,8 +172,8 @@ def format_table(results: dict) -> str:
         f"humpback benchmarks, profile {results['profile']}: {results['model']['name']} "
         f"({results['model']['parameters'] / 1e6:.1f}M parameters), {m['cpu']}, {m['threads']} threads, "
         f"torch {m['torch']}",
-        f"measured peaks ({peaks['bf16']['size']}x{peaks['bf16']['size']} matmul, median of "
-        f"{len(peaks['bf16']['samples'])}): bf16 {peaks['bf16']['gflops']:.1f} GFLOP/s, "
+        f"measured peaks ({peaks['bf16']['size']}x{peaks['bf16']['size']} matmul, the higher of two medians of "
+        f"{len(peaks['bf16']['samples']) // 2}, at the session's start and end): bf16 {peaks['bf16']['gflops']:.1f} GFLOP/s, "
         f"fp32 {peaks['fp32']['gflops']:.1f} GFLOP/s",
         "",
         f"{'workload':<20} {'dtype':<5} {'throughput':>20} {'GFLOP/s':>8} {'MFU':>6} {'normalized':>24} "
@@ -177,7 +182,7 @@ def format_table(results: dict) -> str:
     for name, w in results["workloads"].items():
         lines.append(
             f"{name:<20} {w['dtype']:<5} {w['throughput']:>10.1f} {w['unit']:<9} {w['achieved_gflops']:>8.1f} "
-            f"{w['mfu'] * 100:>5.1f}% {w['normalized']:>10.4f} {w['normalized_unit']:<13} {w['rounds']:>6} "
+            f"{w['mfu'] * 100:>5.1f}% {w['normalized']:>#10.4g} {w['normalized_unit']:<13} {w['rounds']:>6} "
             f"{w['spread'] * 100:>5.0f}%"
         )
     for name, why in results.get("unavailable", {}).items():

@@ -57,17 +57,17 @@ PROFILES = {
     "full": Profile(
         name="full", rounds=3, peak_repeats=10,
         augment_prompts=32, augment_new_tokens=64,
-        answer_prompts=16, answer_new_tokens=256, batch_size=16, naive_prompts=2,
+        answer_prompts=16, answer_new_tokens=256, batch_size=16, naive_prompts=1,
         curate_pairs=16, curate_new_tokens=96,
         train_examples=16, train_batch=8, train_max_len=512, train_rounds=3,
         variants=True,
     ),
     "quick": Profile(
         name="quick", rounds=3, peak_repeats=10,
-        augment_prompts=16, augment_new_tokens=32,
+        augment_prompts=8, augment_new_tokens=32,
         answer_prompts=8, answer_new_tokens=64, batch_size=8, naive_prompts=1,
-        curate_pairs=8, curate_new_tokens=48,
-        train_examples=8, train_batch=4, train_max_len=256, train_rounds=3,
+        curate_pairs=6, curate_new_tokens=32,
+        train_examples=8, train_batch=4, train_max_len=192, train_rounds=3,
         variants=False,
     ),
     # Plumbing only (seconds, any model): pytest benchmarks --bench-profile smoke --bench-model DIR

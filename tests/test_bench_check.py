@@ -60,7 +60,7 @@ def test_half_throughput_fails_and_names_both_numbers():
     assert not verdicts["answer"].ok and verdicts["augment"].ok
     text = check.format_verdicts(list(verdicts.values()))
     line = next(x for x in text.splitlines() if x.startswith("answer"))
-    assert "4.0000" in line and "2.0000" in line and "REGRESSION" in line  # 400/100 and 200/100 per GFLOP
+    assert "4.000" in line and "2.000" in line and "REGRESSION" in line  # 400/100 and 200/100 per GFLOP
 
 
 def test_drop_within_tolerance_passes_and_faster_always_passes():
@@ -144,7 +144,7 @@ def test_cli_exit_status(tmp_path):
     half.write_text(json.dumps(results_from({"answer": steady(200), "augment": steady(800)})))
     slow = _cli("--results", str(half), "--baseline", str(baseline))
     assert slow.returncode == check.EXIT_REGRESSION
-    assert "REGRESSION" in slow.stdout and "4.0000" in slow.stdout and "2.0000" in slow.stdout
+    assert "REGRESSION" in slow.stdout and "4.000" in slow.stdout and "2.000" in slow.stdout
 
     missing = _cli("--results", str(tmp_path / "nope.json"), "--baseline", str(baseline))
     assert missing.returncode == check.EXIT_USAGE and "not found" in missing.stderr
