@@ -6,7 +6,9 @@ falls more than the baseline's tolerance below the baseline's value. Faster is n
     python -m benchmarks.check [--results FILE] [--baseline FILE] [--tolerance X]
     python -m benchmarks.check --write-baseline RUN.json [RUN.json ...] [--baseline FILE]
 
-Exit status: 0 no regression, 1 a workload regressed (or is missing), 2 unusable input.
+Exit status: 0 no regression, 1 a workload regressed (or is missing), 2 unusable input, 3 only
+workloads that other processes disturbed fell below the baseline (inconclusive: rerun on a quiet
+machine).
 
 Writing a baseline takes several runs of the same profile: the baseline value is the median of
 the runs' medians, and each workload's tolerance comes from how far those runs spread (see
@@ -28,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_BASELINE = HERE / "baselines" / "cpu.json"
 DEFAULT_RESULTS = HERE / "results" / "check.json"
 
-EXIT_OK, EXIT_REGRESSION, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_REGRESSION, EXIT_USAGE, EXIT_INCONCLUSIVE = 0, 1, 2, 3
 
 SPREAD_FACTOR = 2.0
 MIN_TOLERANCE = 0.15
@@ -58,6 +60,9 @@ class Verdict:
     tolerance: float
     unit: str = ""
     reason: str = ""
+    busy: float | None = None
+    """Other processes' share of the CPU while the workload ran (from the results file)."""
+    disturbed: bool = False
 
     @property
     def ratio(self) -> float | None:
@@ -72,6 +77,12 @@ class Verdict:
         if self.current is None:
             return False
         return self.current >= self.baseline * (1.0 - self.tolerance)
+
+    @property
+    def inconclusive(self) -> bool:
+        """Below the baseline, but measured while other processes used the CPU: on a 2-core
+        machine that alone can halve throughput, so it says nothing about the code."""
+        return not self.ok and self.disturbed and self.current is not None
 
 
 def load_json(path: str | Path, what: str) -> dict[str, Any]:
@@ -105,7 +116,8 @@ def compare(results: dict[str, Any], baseline: dict[str, Any], tolerance: float 
             verdicts.append(Verdict(name, base["normalized"], None, tol, base.get("normalized_unit", ""),
                                     "not measured in this run"))
         else:
-            verdicts.append(Verdict(name, base["normalized"], cur["normalized"], tol, cur.get("normalized_unit", "")))
+            verdicts.append(Verdict(name, base["normalized"], cur["normalized"], tol, cur.get("normalized_unit", ""),
+                                    busy=cur.get("busy"), disturbed=bool(cur.get("disturbed"))))
     for name, cur in results["workloads"].items():
         if name not in baseline["workloads"]:
             verdicts.append(Verdict(name, None, cur["normalized"], 0.0, cur.get("normalized_unit", ""),
@@ -123,6 +135,9 @@ def format_verdicts(verdicts: Sequence[Verdict]) -> str:
         allowed = f">= {1 - v.tolerance:.2f}" if v.baseline is not None else ""
         if v.ok:
             verdict = "ok" + (f" ({v.reason})" if v.reason else "")
+        elif v.inconclusive:
+            verdict = (f"INCONCLUSIVE: {(1 - v.ratio) * 100:.0f}% below baseline, but other processes used "
+                       f"{v.busy * 100:.0f}% of the CPU meanwhile")
         else:
             verdict = "REGRESSION: " + (v.reason or f"{(1 - v.ratio) * 100:.0f}% below baseline, "
                                                     f"more than the {v.tolerance * 100:.0f}% tolerance")
@@ -154,6 +169,11 @@ def build_baseline(runs: Sequence[dict[str, Any]], sources: Sequence[str] = ()) 
     profiles = {r.get("profile") for r in runs}
     if len(profiles) != 1:
         raise CheckError(f"runs mix profiles {sorted(map(str, profiles))}")
+    disturbed = [f"{n} (run {i + 1})" for i, r in enumerate(runs) for n, w in r["workloads"].items()
+                 if w.get("disturbed")]
+    if disturbed:
+        raise CheckError(f"other processes used the CPU during {', '.join(disturbed)}; a baseline must come "
+                         "from a quiet machine")
     names = [n for n in runs[0]["workloads"] if all(n in r["workloads"] for r in runs)]
     workloads = {}
     for name in names:
@@ -224,10 +244,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     note = machine_note(results, baseline)
     if note:
         print(note)
-    failed = [v.workload for v in verdicts if not v.ok]
+    failed = [v.workload for v in verdicts if not v.ok and not v.inconclusive]
+    unsure = [v.workload for v in verdicts if v.inconclusive]
     if failed:
         print(f"FAILED: {', '.join(failed)} below baseline by more than the tolerance")
         return EXIT_REGRESSION
+    if unsure:
+        print(f"INCONCLUSIVE: {', '.join(unsure)} below baseline while other processes were using the CPU; "
+              "rerun when the machine is quiet")
+        return EXIT_INCONCLUSIVE
     print("ok: no workload below its baseline by more than its tolerance")
     return EXIT_OK
 

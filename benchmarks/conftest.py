@@ -123,10 +123,30 @@ def engine(bench, model_path, profile):
     return eng
 
 
+MAX_ATTEMPTS = 2
+
+
+def watched(fn: Callable[[], Round]) -> Round:
+    """``fn()`` with the other processes' CPU share during it; run again (once) when they used
+    more than ``measure.BUSY_LIMIT`` of the machine, since such a round measures the neighbours."""
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        before = measure.cpu_ticks()
+        result = fn()
+        result.busy = measure.foreign_share(before, measure.cpu_ticks())
+        result.attempts = attempt
+        if result.busy is None or result.busy <= measure.BUSY_LIMIT:
+            break
+    return result
+
+
 def timed(benchmark, fn: Callable[[], Round], rounds: int, warmup: int = 1) -> list[Round]:
-    """``rounds`` timed calls of ``fn`` through pytest-benchmark, after ``warmup`` untimed ones."""
+    """``rounds`` timed calls of ``fn`` through pytest-benchmark, after ``warmup`` untimed ones.
+
+    The rounds' own timings (``Round.seconds``) are what the table uses; pytest-benchmark's
+    table also counts a disturbed try that was run again.
+    """
     out: list[Round] = []
-    benchmark.pedantic(lambda: out.append(fn()), rounds=rounds, warmup_rounds=warmup, iterations=1)
+    benchmark.pedantic(lambda: out.append(watched(fn)), rounds=rounds, warmup_rounds=warmup, iterations=1)
     # With --benchmark-disable pytest-benchmark calls fn once and skips the warm-up.
     return out[warmup:] or out
 

@@ -13,6 +13,7 @@ Formulas (also in ``benchmarks/README.md``):
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -133,6 +134,53 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
     if va == 0 or vb == 0:
         return None
     return cov / (va * vb) ** 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# Contention: how much of the machine other processes used while we measured
+# ---------------------------------------------------------------------------------------------
+
+BUSY_LIMIT = 0.10
+"""A round during which other processes (or the hypervisor, as steal time) used more than this
+share of the machine's CPU time is disturbed: on 2 cores, a second CPU-bound process makes
+torch's OpenMP threads wait on each other and throughput collapses by far more than its share."""
+
+
+@dataclass(frozen=True)
+class CpuTicks:
+    machine_busy: int
+    """Busy ticks of all CPUs together (user, nice, system, irq, softirq, steal)."""
+    own: int
+    """This process's user + system ticks, all threads."""
+    at: float
+
+
+def cpu_ticks() -> CpuTicks | None:
+    """A snapshot from /proc, or None where there is no /proc (then contention is unknown)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:]]
+        with open("/proc/self/stat", encoding="ascii") as fh:
+            # The command name may contain spaces: fields count from after its closing ")".
+            rest = fh.read().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    own = int(rest[11]) + int(rest[12])  # utime, stime (fields 14 and 15 of the whole line)
+    return CpuTicks(user + nice + system + irq + softirq + steal, own, time.perf_counter())
+
+
+def foreign_share(before: CpuTicks | None, after: CpuTicks | None) -> float | None:
+    """Share of the machine's CPU time (all cores) used by anything but this process between two
+    snapshots; None when unknown."""
+    if before is None or after is None:
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    capacity = (after.at - before.at) * hz * (os.cpu_count() or 1)
+    if capacity <= 0:
+        return None
+    foreign = (after.machine_busy - before.machine_busy) - (after.own - before.own)
+    return max(0.0, foreign / capacity)
 
 
 def cpu_name() -> str:

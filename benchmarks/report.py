@@ -22,6 +22,9 @@ LOSS_CURVE_TOLERANCE = 0.05
 bf16 keeps about 3 significant digits, and over a few LoRA steps that moves the loss by well
 under 1% unless something is broken (a wrong cast, overflow, a lost gradient)."""
 
+BUSY_LIMIT = 0.10
+"""Same as ``benchmarks.measure.BUSY_LIMIT`` (kept here so this module needs no torch)."""
+
 UNITS = {"new_tokens": "new tok/s", "tokens": "tok/s", "items": "pairs/s"}
 NORM_UNITS = {"new_tokens": "new tok/GFLOP", "tokens": "tok/GFLOP", "items": "pairs/GFLOP"}
 
@@ -76,8 +79,20 @@ def workload_entry(
         "normalized": sig(med / peak),
         "normalized_unit": NORM_UNITS[counts],
         "spread": _round((max(through) - min(through)) / med if med else 0.0, 4),
+        **_busy(rounds),
         **({"extra": extra} if extra else {}),
     }
+
+
+def _busy(rounds: list[Any]) -> dict[str, Any]:
+    """Other processes' CPU share over the rounds (median), and whether that disturbed the
+    result: the check calls a disturbed workload's drop inconclusive instead of a regression."""
+    shares = [r.busy for r in rounds if getattr(r, "busy", None) is not None]
+    if not shares:
+        return {"busy": None, "disturbed": False, "retried_rounds": 0}
+    busy = statistics.median(shares)
+    return {"busy": round(busy, 4), "disturbed": busy > BUSY_LIMIT,
+            "retried_rounds": sum(getattr(r, "attempts", 1) > 1 for r in rounds)}
 
 
 def _count(r: Any, counts: str) -> int:
@@ -177,13 +192,13 @@ def format_table(results: dict) -> str:
         f"fp32 {peaks['fp32']['gflops']:.1f} GFLOP/s",
         "",
         f"{'workload':<20} {'dtype':<5} {'throughput':>20} {'GFLOP/s':>8} {'MFU':>6} {'normalized':>24} "
-        f"{'rounds':>6} {'spread':>6}",
+        f"{'rounds':>6} {'spread':>6} {'busy':>5}",
     ]
     for name, w in results["workloads"].items():
         lines.append(
             f"{name:<20} {w['dtype']:<5} {w['throughput']:>10.1f} {w['unit']:<9} {w['achieved_gflops']:>8.1f} "
             f"{w['mfu'] * 100:>5.1f}% {w['normalized']:>#10.4g} {w['normalized_unit']:<13} {w['rounds']:>6} "
-            f"{w['spread'] * 100:>5.0f}%"
+            f"{w['spread'] * 100:>5.0f}% {_fmt_busy(w)}"
         )
     for name, why in results.get("unavailable", {}).items():
         lines.append(f"{name:<20} not available: {why}")
@@ -193,8 +208,15 @@ def format_table(results: dict) -> str:
     if results.get("targets"):
         lines += ["", "targets:"] + [_fmt_target(t) for t in results["targets"]]
     lines += ["", "MFU = 2 x parameters x (prompt + generated tokens) / seconds / measured peak of the "
-              "workload's dtype; normalized = throughput / measured peak GFLOP/s."]
+              "workload's dtype; normalized = throughput / measured peak GFLOP/s; busy = share of the "
+              f"machine's CPU other processes used during the rounds (median; '!' above {BUSY_LIMIT:.0%}: disturbed)."]
     return "\n".join(lines)
+
+
+def _fmt_busy(w: dict) -> str:
+    if w.get("busy") is None:
+        return "  n/a"
+    return f"{w['busy'] * 100:>4.0f}%" + ("!" if w.get("disturbed") else "")
 
 
 def _ratio_lines(r: dict) -> list[str]:

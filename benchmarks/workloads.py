@@ -92,6 +92,10 @@ class Round:
     prompt_tokens: int
     new_tokens: int
     extra: dict[str, Any] = field(default_factory=dict)
+    busy: float | None = None
+    """Share of the machine's CPU that other processes used during the round (None: unknown)."""
+    attempts: int = 1
+    """1, or 2 when the first try was disturbed by other processes and was run again."""
 
     @property
     def tokens(self) -> int:

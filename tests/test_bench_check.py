@@ -84,6 +84,44 @@ def test_missing_workload_fails_new_workload_passes():
     assert verdicts["lora"].ok and verdicts["lora"].baseline is None
 
 
+def busy(rounds: list[Round], share: float) -> list[Round]:
+    for r in rounds:
+        r.busy = share
+    return rounds
+
+
+def test_a_drop_measured_on_a_busy_machine_is_inconclusive_not_a_regression(tmp_path):
+    """Other processes took 45% of the CPU: the drop says nothing about the code (exit 3), but a
+    drop on a quiet machine next to it is still a regression (exit 1)."""
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps(baseline_from(BASE)))
+    disturbed = results_from({"answer": busy(steady(150), 0.45), "augment": busy(steady(800), 0.02)})
+    assert disturbed["workloads"]["answer"]["disturbed"] and not disturbed["workloads"]["augment"]["disturbed"]
+    path = tmp_path / "busy.json"
+    path.write_text(json.dumps(disturbed))
+    out = _cli("--results", str(path), "--baseline", str(baseline))
+    assert out.returncode == check.EXIT_INCONCLUSIVE and "INCONCLUSIVE" in out.stdout and "45%" in out.stdout
+
+    both = results_from({"answer": busy(steady(150), 0.45), "augment": busy(steady(300), 0.0)})
+    path.write_text(json.dumps(both))
+    assert _cli("--results", str(path), "--baseline", str(baseline)).returncode == check.EXIT_REGRESSION
+
+    with pytest.raises(check.CheckError, match="quiet machine"):
+        baseline_from(BASE, disturbed)
+
+
+def test_foreign_cpu_share_arithmetic(monkeypatch):
+    from benchmarks import measure
+
+    monkeypatch.setattr(measure.os, "sysconf", lambda name: 100)
+    monkeypatch.setattr(measure.os, "cpu_count", lambda: 2)
+    before = measure.CpuTicks(machine_busy=1000, own=400, at=10.0)
+    after = measure.CpuTicks(machine_busy=1400, own=700, at=12.0)  # 2 s x 2 CPUs = 400 ticks
+    assert measure.foreign_share(before, after) == pytest.approx(100 / 400)
+    assert measure.foreign_share(None, after) is None
+    assert measure.BUSY_LIMIT == report.BUSY_LIMIT  # report.py keeps a torch-free copy
+
+
 def test_profile_mismatch_is_an_error():
     with pytest.raises(check.CheckError, match="profile"):
         check.compare(results_from({"answer": steady(400)}, profile="full"), baseline_from(BASE))
