@@ -8,8 +8,9 @@ Four pieces:
   AlpacaEval records (``instruction``, ``output``, ``generator``, ``dataset``);
 * :func:`score_alpaca_eval` has alpaca_eval's ``PairwiseAnnotator`` judge every pair (caching each
   judgment on disk, so a rerun re-judges nothing) and alpaca_eval's metrics turn the preferences
-  into a win rate, its standard error and, where its data can be had offline, the
-  length-controlled win rate;
+  into a win rate, its standard error and a length-controlled win rate (alpaca_eval 2's
+  ``length_controlled_v1`` GLM where its hub data can be had, else alpaca_eval's
+  ``length_controlled_minimal`` GLM, which needs nothing but the annotations);
 * :func:`check_judge` measures a judge on pairs whose better answer is known, before its win
   rates are believed.
 
@@ -99,11 +100,22 @@ _TIE_TOLERANCE = 1e-9
 # Prompts judged by our completion functions, per function name (tests count re-judging with it).
 JUDGE_CALLS: Counter[str] = Counter()
 
-LC_NOTE = (
-    "alpaca_eval's length-controlled GLM (length_controlled_v1) is fit together with annotations "
-    "of gpt4_1106_preview by weighted_alpaca_eval_gpt4_turbo; it is comparable to the leaderboard "
-    "only with that reference and judge"
-)
+LC_GLMS = ("auto", "length_controlled_v1", "length_controlled_minimal")
+LC_NOTES = {
+    "length_controlled_v1": (
+        "alpaca_eval's length-controlled GLM (length_controlled_v1) is fit together with annotations "
+        "of gpt4_1106_preview by weighted_alpaca_eval_gpt4_turbo; it is comparable to the leaderboard "
+        "only with that reference and judge"),
+    "length_controlled_minimal": (
+        "alpaca_eval's length_controlled_minimal GLM (a length term and the model's strength; no "
+        "instruction difficulty, no regularization towards gamed baselines), fit on this model's "
+        "annotations alone: it removes this judge's length preference between this model and the "
+        "reference, but is not comparable with leaderboard LC numbers or with length_controlled_v1; "
+        "its standard error comes from bootstrap refits over instructions"),
+}
+LC_BOOTSTRAP = 50
+"""Refits behind the minimal GLM's standard error (its predictions are one constant per fit, so
+the spread of predictions that length_controlled_v1 reports would be 0)."""
 
 
 class JudgeError(ValueError):
@@ -564,35 +576,128 @@ def _hub_files_offline(lc_data_dir: str | Path | None, allow_download: bool = Fa
 
 def length_controlled_metrics(
     annotations: pd.DataFrame, indices: Sequence[int] | None, lc_data_dir: str | Path | None = None,
-    allow_download: bool = False,
+    allow_download: bool = False, glm: str = "auto", bootstrap: int = LC_BOOTSTRAP, seed: int = 0,
 ) -> dict[str, Any]:
     """alpaca_eval's length-controlled win rate, or None with the reason it cannot be had.
 
     Args:
         annotations: alpaca_eval's annotations (``preference``, ``output_1``, ``output_2``,
             ``generator_1``, ``generator_2``), one row per instruction.
-        indices: each row's position in the full AlpacaEval set; the GLM looks up each
-            instruction's difficulty by it.
-        lc_data_dir: a directory holding the GLM's hub files, if not in the hub cache.
+        indices: each row's position in the full AlpacaEval set; length_controlled_v1 looks up
+            each instruction's difficulty by it.
+        lc_data_dir: a directory holding length_controlled_v1's hub files, if not in the hub cache.
         allow_download: fetch those files from the hub when neither place has them.
+        glm: ``length_controlled_v1`` (alpaca_eval 2's, needs its hub files),
+            ``length_controlled_minimal`` (needs nothing but the annotations), or ``auto``: v1
+            where its files can be had, else minimal, with the reason v1 was not used.
+        bootstrap: refits behind the minimal GLM's standard error.
+        seed: draws the bootstrap samples.
+
+    Returns:
+        ``length_controlled_win_rate``, ``lc_standard_error`` (percent), ``lc_glm`` (the GLM
+        used), ``lc_unavailable_reason`` (why there is no value, or why v1 was not used).
     """
-    none = {"length_controlled_win_rate": None, "lc_standard_error": None}
-    if indices is None:
-        return {**none, "lc_unavailable_reason": "AlpacaEval indices of the instructions are unknown"}
+    if glm not in LC_GLMS:
+        raise ValueError(f"unknown length-controlled GLM {glm!r}; one of {', '.join(LC_GLMS)}")
+    none = {"length_controlled_win_rate": None, "lc_standard_error": None, "lc_glm": None}
     df = annotations.copy()
-    df.index = pd.Index(list(indices))
+    if indices is not None:
+        df.index = pd.Index(list(indices))
     df = df[df["preference"].notna()]
+    v1_reason = None
+    if glm in ("auto", "length_controlled_v1"):
+        if indices is None:
+            v1_reason = "AlpacaEval indices of the instructions are unknown"
+        else:
+            try:
+                with _hub_files_offline(lc_data_dir, allow_download), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    raw = ae_metrics.get_length_controlled_winrate(
+                        df, save_weights_dir=None, is_add_glm_preference_inplace=False)
+                return {
+                    "length_controlled_win_rate": _number(raw["length_controlled_winrate"]),
+                    "lc_standard_error": _number(raw.get("lc_standard_error")),
+                    "lc_glm": "length_controlled_v1",
+                    "lc_unavailable_reason": None,
+                }
+            except FileNotFoundError as exc:
+                v1_reason = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # alpaca_eval raises anything from sklearn's errors on tiny sets
+                return {**none, "lc_unavailable_reason": f"{type(exc).__name__}: {exc}"}
+        if glm == "length_controlled_v1":
+            return {**none, "lc_unavailable_reason": v1_reason}
     try:
-        with _hub_files_offline(lc_data_dir, allow_download), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            raw = ae_metrics.get_length_controlled_winrate(df, save_weights_dir=None, is_add_glm_preference_inplace=False)
-    except Exception as exc:  # alpaca_eval raises anything from file errors to sklearn's on tiny sets
-        return {**none, "lc_unavailable_reason": f"{type(exc).__name__}: {exc}"}
+        value, stderr = _minimal_lc(df, bootstrap, seed)
+    except Exception as exc:  # sklearn on too few or degenerate annotations
+        reason = f"length_controlled_minimal: {type(exc).__name__}: {exc}"
+        return {**none, "lc_unavailable_reason": "; ".join(r for r in (v1_reason, reason) if r)}
     return {
-        "length_controlled_win_rate": _number(raw["length_controlled_winrate"]),
-        "lc_standard_error": _number(raw.get("lc_standard_error")),
-        "lc_unavailable_reason": None,
+        "length_controlled_win_rate": _number(value),
+        "lc_standard_error": _number(stderr),
+        "lc_glm": "length_controlled_minimal",
+        "lc_unavailable_reason": None if v1_reason is None else f"length_controlled_v1 not used: {v1_reason}",
     }
+
+
+@contextlib.contextmanager
+def _c_output_silenced():
+    """liblinear writes a warning straight to the process's stderr for every fold in which a hard
+    0/1 preference leaves one class without weight; those lines say nothing about the result.
+    (Python-level errors still raise as exceptions.)"""
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _minimal_lc(df: pd.DataFrame, bootstrap: int, seed: int) -> tuple[float, float | None]:
+    """alpaca_eval's ``length_controlled_minimal`` GLM on these annotations, fit by alpaca_eval's
+    own design-matrix and cross-validated logistic-regression helpers, and predicted at zero
+    length difference; its standard error is the spread of ``bootstrap`` refits on instructions
+    drawn with replacement."""
+    import numpy as np
+    from alpaca_eval.metrics import glm_winrate as ae_glm
+
+    info = ae_glm.GLM_INFO["length_controlled_minimal"]
+    n_splits = info["kwargs"].get("n_splits", 5)
+    if len(df) < n_splits:
+        raise ValueError(f"{len(df)} judged pairs; the GLM's {n_splits}-fold cross-validation needs at least {n_splits}")
+    # Same features as alpaca_eval's _get_featurized_data, without its hub-only difficulty column.
+    delta = (df["output_1"].str.len() - df["output_2"].str.len()).astype(float).to_numpy()
+    pref = (df["preference"].astype(float).replace({0.0: 1.5}) - 1).to_numpy()
+
+    def fit(rows) -> float:
+        d = delta[rows]
+        spread = d.std(ddof=1)
+        train = pd.DataFrame({"preference": pref[rows], "std_delta_len": d / spread if spread > 0 else 0.0,
+                              "not_gamed_baseline": True})
+        test = pd.DataFrame({"std_delta_len": [0.0], "not_gamed_baseline": [True]})
+        xy, x_test = ae_glm.make_dmatrix_for_model(train, test, formula=info["formula"])
+        with warnings.catch_warnings(), _c_output_silenced():
+            warnings.simplefilter("ignore")
+            model = ae_glm.fit_LogisticRegressionCV(xy, "preference", is_ytrue_proba=True, **info["kwargs"])
+        return float(model.predict_proba(x_test)[0, 1]) * 100
+
+    everything = np.arange(len(df))
+    value = fit(everything)
+    rng = np.random.default_rng(seed)
+    refits = []
+    for _ in range(bootstrap):
+        rows = rng.choice(everything, size=len(everything), replace=True)
+        try:
+            refits.append(fit(rows))
+        except ValueError:  # a draw with too few distinct rows for the folds
+            continue
+    stderr = float(np.std(refits, ddof=1)) if len(refits) >= 2 else None
+    return value, stderr
 
 
 def _records(outputs: Sequence[dict[str, Any]], default_generator: str) -> pd.DataFrame:
@@ -613,6 +718,7 @@ def score_alpaca_eval(
     chunksize: int = 32,
     cache_dir: str | Path | None = None,
     lc_download: bool = False,
+    lc_glm: str = "auto",
 ) -> dict[str, Any]:
     """Judge the model's outputs against the reference's with alpaca_eval and score them.
 
@@ -631,12 +737,13 @@ def score_alpaca_eval(
         lc_data_dir: where alpaca_eval's length-controlled GLM files are, if not in the hub cache.
         chunksize: pairs judged between two writes of the cache.
         lc_download: let alpaca_eval fetch its length-controlled GLM files from the hub.
+        lc_glm: which length-controlled GLM (see :func:`length_controlled_metrics`).
         cache_dir: where the judge cache lives, if not in ``out_dir`` (a run keeps one cache for
             all its evaluations, so re-evaluating a model re-judges nothing already judged).
 
     Returns:
         ``win_rate`` and ``standard_error`` (percent), ``discrete_win_rate``, counts, ``n``,
-        ``length_controlled_win_rate`` and ``lc_standard_error`` (or None and
+        ``length_controlled_win_rate``, ``lc_standard_error`` and ``lc_glm`` (or None and
         ``lc_unavailable_reason``), ``judged_now``, ``reused_from_cache`` and ``provenance``.
     """
     out_dir = Path(out_dir)
@@ -672,7 +779,7 @@ def score_alpaca_eval(
         indices = list(range(805))  # the full set, in AlpacaEval's order
     else:
         indices = None
-    result.update(length_controlled_metrics(annotations, indices, lc_data_dir, lc_download))
+    result.update(length_controlled_metrics(annotations, indices, lc_data_dir, lc_download, lc_glm))
     result.update(
         avg_length=int(model_df["output"].str.len().mean()) if len(model_df) else 0,
         judged_now=len(pairs) - reused,
@@ -688,7 +795,7 @@ def score_alpaca_eval(
         "generator": generators[0] if len(generators) == 1 else generators,
         "model_outputs_digest": settings_digest(model_records),
         "caching_path": str(annotator.caching_path),
-        "lc_note": LC_NOTE,
+        "lc_note": LC_NOTES.get(result.get("lc_glm") or "", None),
     }
     annotations.to_json(out_dir / "annotations.json", orient="records", indent=2)
     write_json_atomic(out_dir / "alpaca_eval.json", result)

@@ -204,10 +204,15 @@ class EvalSection(_Section):
     alpaca_reference: str = "text_davinci_003"
     """``text_davinci_003`` (AlpacaEval 1, the paper's), ``gpt4_turbo`` (AlpacaEval 2), or a path to
     another model's AlpacaEval outputs JSON."""
+    alpaca_lc_glm: Literal["auto", "length_controlled_v1", "length_controlled_minimal"] = "auto"
+    """The length-controlled win rate's GLM. ``length_controlled_v1`` is AlpacaEval 2's (needs
+    ``df_gamed.csv`` from the hub dataset tatsu-lab/alpaca_eval, see below);
+    ``length_controlled_minimal`` is alpaca_eval's length-term-only GLM fit on the model's own
+    annotations (offline; bootstrap standard error); ``auto`` uses v1 where its file can be had,
+    else minimal. The GLM used is part of the metric's provenance, so gates never compare the two."""
     alpaca_lc_data_dir: str | None = None
-    """Folder with alpaca_eval's length-controlled GLM files (``df_gamed.csv``,
-    ``instruction_difficulty.csv`` from the hub dataset tatsu-lab/alpaca_eval); without them, and
-    without ``alpaca_lc_download``, the LC win rate is reported unavailable with the reason."""
+    """Folder with length_controlled_v1's files (``df_gamed.csv``, ``instruction_difficulty.csv``
+    from the hub dataset tatsu-lab/alpaca_eval), if they are not in the local hub cache."""
     alpaca_lc_download: bool = False
     """Let alpaca_eval download those files from the Hugging Face hub (needs internet)."""
     judge: str = "humpback_local_logprob"

@@ -37,7 +37,7 @@ def eval_settings(cfg: RunConfig) -> dict[str, Any]:
     """What defines an evaluation, apart from the model evaluated."""
     ev = cfg.eval.model_dump()
     keep = ("data_dir", "seed", "batch_size", "max_new_tokens", "alpaca_subset", "alpaca_reference", "judge",
-            "heldout_tasks", "heldout_limit", "alpaca_lc_data_dir", "alpaca_lc_download")
+            "heldout_tasks", "heldout_limit", "alpaca_lc_data_dir", "alpaca_lc_download", "alpaca_lc_glm")
     return {**{k: ev[k] for k in keep}, "judge_model": judge_model_spec(cfg), "system": stages.system_prompt(cfg)}
 
 
@@ -105,7 +105,8 @@ def _alpaca_metrics(cfg, prefix, model_path, out_dir: Path, cache: Path, check: 
     del engine  # free the model before the judge loads
     judge = alpaca.Judge(ev.judge, _judge_model(cfg), batch_size=ev.batch_size)
     result = alpaca.score_alpaca_eval(outputs, instructions, out_dir, judge=judge, cache_dir=cache,
-                                      lc_data_dir=ev.alpaca_lc_data_dir, lc_download=ev.alpaca_lc_download)
+                                      lc_data_dir=ev.alpaca_lc_data_dir, lc_download=ev.alpaca_lc_download,
+                                      lc_glm=ev.alpaca_lc_glm)
     provenance = {"eval_config": settings_digest(settings), "judge": judge.identity(),
                   "reference": instructions.provenance().get("reference")}
     trusted = bool(check.get("trusted"))
@@ -115,7 +116,9 @@ def _alpaca_metrics(cfg, prefix, model_path, out_dir: Path, cache: Path, check: 
     }
     if result.get("length_controlled_win_rate") is not None:
         metrics["alpaca_eval/lc_win_rate"] = _metric(result["length_controlled_win_rate"], result.get("lc_standard_error"),
-                                                     result["n"], provenance, trusted)
+                                                     result["n"], {**provenance, "lc_glm": result["lc_glm"]}, trusted)
+        if result.get("lc_unavailable_reason"):
+            log.info("AlpacaEval LC win rate: %s, %s", result["lc_glm"], result["lc_unavailable_reason"])
     else:
         log.info("AlpacaEval LC win rate unavailable: %s", result.get("lc_unavailable_reason"))
     return metrics

@@ -176,6 +176,25 @@ def metric_table(view: RunView) -> Table:
     return ["metric"] + view.columns, rows
 
 
+LC_GLM_NOTES = {
+    "length_controlled_minimal": ("alpaca_eval/lc_win_rate: alpaca_eval's length_controlled_minimal GLM "
+                                  "(length term only, fit on each model's own annotations; bootstrap "
+                                  "standard error), not comparable with leaderboard LC win rates"),
+    "length_controlled_v1": "alpaca_eval/lc_win_rate: alpaca_eval 2's length_controlled_v1 GLM",
+}
+
+
+def metric_notes(view: RunView, table: Table) -> list[str]:
+    """Footnotes the evaluation table needs: untrusted judges, and which LC GLM made the LC win rates."""
+    notes = []
+    if any(UNTRUSTED in cell for row in table[1] for cell in row):
+        notes.append(UNTRUSTED_NOTE)
+    glms = {((view.evals.get(c, {}).get("metrics") or {}).get("alpaca_eval/lc_win_rate") or {})
+            .get("provenance", {}).get("lc_glm") for c in view.columns} - {None}
+    notes += [LC_GLM_NOTES.get(g, f"alpaca_eval/lc_win_rate: GLM {g}") for g in sorted(glms)]
+    return notes
+
+
 def _data_rows() -> list[tuple[str, Callable[[RunView, str], str]]]:
     def stat(stage: str, *keys: str) -> Callable[[RunView, str], str]:
         return lambda v, c: fmt(v.stat(c, stage, *keys))
@@ -376,8 +395,8 @@ def render_markdown(view: RunView, plots: list[Path]) -> str:
     lines += ["", "## Evaluation (value ± stderr)", ""]
     metrics = metric_table(view)
     lines += _md_table(metrics) if metrics[1] else ["No evaluation results yet."]
-    if any(UNTRUSTED in cell for row in metrics[1] for cell in row):
-        lines += ["", UNTRUSTED_NOTE]
+    for note in metric_notes(view, metrics):
+        lines += ["", note]
     lines += ["", "## Curation, selected data and training", ""] + _md_table(data_table(view))
     failures = gate_failures(view)
     lines += ["", "## Gates", ""] + ([f"- {f}" for f in failures] or ["No gate failed."])
@@ -407,8 +426,7 @@ def render_html(view: RunView, plots: list[Path]) -> str:
     metrics = metric_table(view)
     parts.append("</ul><h2>Evaluation (value ± stderr)</h2>")
     parts.append(_html_table(metrics) if metrics[1] else "<p>No evaluation results yet.</p>")
-    if any(UNTRUSTED in cell for row in metrics[1] for cell in row):
-        parts.append(f"<p>{html.escape(UNTRUSTED_NOTE)}</p>")
+    parts += [f"<p>{html.escape(note)}</p>" for note in metric_notes(view, metrics)]
     parts.append("<h2>Curation, selected data and training</h2>" + _html_table(data_table(view)))
     failures = gate_failures(view)
     parts.append("<h2>Gates</h2><ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in failures) + "</ul>"
@@ -437,8 +455,7 @@ def summary_table(run_dir: Path) -> str:
     view = load_run(run_dir)
     metrics = metric_table(view)
     lines = _text_table(metrics) if metrics[1] else ["(no evaluation results yet)"]
-    if any(UNTRUSTED in cell for row in metrics[1] for cell in row):
-        lines.append(UNTRUSTED_NOTE)
+    lines += metric_notes(view, metrics)
     lines += [""] + _text_table(data_table(view))
     lines += [f"gate failed: {f}" for f in gate_failures(view)]
     return "\n".join(lines)

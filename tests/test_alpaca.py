@@ -73,8 +73,11 @@ def test_score_result_shape_and_files(tmp_path):
     assert len(prov["annotators_config_digest"]) == 16
     assert prov["alpaca_eval_version"] == "0.6.6"
     assert prov["generator"] == "mine" and prov["n_instructions"] == 6
-    # Six planted pairs cannot feed alpaca_eval's GLM offline: recorded as None with the reason.
-    assert result["length_controlled_win_rate"] is None and result["lc_unavailable_reason"]
+    # Offline, with no AlpacaEval indices: the minimal GLM, and the reason v1 was not used.
+    assert result["lc_glm"] == "length_controlled_minimal"
+    assert "indices" in result["lc_unavailable_reason"]
+    assert 0 <= result["length_controlled_win_rate"] <= 100
+    assert prov["lc_note"] == alpaca.LC_NOTES["length_controlled_minimal"]
     saved = json.loads((tmp_path / "alpaca_eval.json").read_text())
     assert saved["win_rate"] == result["win_rate"]
     annotations = json.loads((tmp_path / "annotations.json").read_text())
@@ -158,13 +161,65 @@ def test_length_controlled_path_with_local_glm_files(tmp_path):
     result = alpaca.score_alpaca_eval(model, reference[:], tmp_path / "out", annotators_config=alpaca.FAKE_JUDGE,
                                       lc_data_dir=tmp_path)
     # Not an InstructionSet and not the full 805: the GLM cannot know each instruction's difficulty.
-    assert result["lc_unavailable_reason"] == "AlpacaEval indices of the instructions are unknown"
+    assert result["lc_unavailable_reason"] == "length_controlled_v1 not used: AlpacaEval indices of the instructions are unknown"
+    assert result["lc_glm"] == "length_controlled_minimal"
     annotations = json.loads((tmp_path / "out" / "annotations.json").read_text())
     import pandas as pd
 
     lc = alpaca.length_controlled_metrics(pd.DataFrame(annotations), list(range(100, 140)), tmp_path)
-    assert lc["lc_unavailable_reason"] is None
+    assert lc["lc_unavailable_reason"] is None and lc["lc_glm"] == "length_controlled_v1"
     assert 0 <= lc["length_controlled_win_rate"] <= 100 and lc["lc_standard_error"] >= 0
+
+
+def length_judged_annotations(n: int = 20, strength: float = 0.0, seed: int = 0) -> "pd.DataFrame":
+    """Annotations drawn from the GLM's own form: the model's answer is longer in 80% of the
+    pairs, and the judge prefers it with probability sigmoid(-2 tanh(delta / sd) + strength),
+    delta = reference length - model length. At equal length the model's true win rate is
+    sigmoid(strength); the raw win rate is inflated by the length preference."""
+    import random
+    import statistics
+
+    import pandas as pd
+
+    rng = random.Random(seed)
+    ref, mine = [], []
+    for i in range(n):
+        r = 20 + rng.randint(0, 20)
+        ref.append(words(r))
+        mine.append(words(r + rng.randint(1, 30) if i < 0.8 * n else r - rng.randint(1, 15), start=100))
+    delta = [len(a) - len(b) for a, b in zip(ref, mine)]
+    sd = statistics.stdev(delta)
+    pref = [1 + 1 / (1 + math.exp(2 * math.tanh(d / sd) - strength)) for d in delta]
+    return pd.DataFrame({"instruction": [f"q{i}" for i in range(n)], "output_1": ref, "output_2": mine,
+                         "generator_1": "ref", "generator_2": "m", "preference": pref})
+
+
+@pytest.mark.parametrize("strength", [0.0, 1.0, -1.0])
+def test_minimal_glm_recovers_the_win_rate_at_equal_length(strength):
+    df = length_judged_annotations(strength=strength)
+    raw = alpaca.win_rate_metrics(df)["win_rate"]
+    lc = alpaca.length_controlled_metrics(df, None, glm="length_controlled_minimal")
+    assert lc["lc_glm"] == "length_controlled_minimal" and lc["lc_unavailable_reason"] is None
+    truth = 100 / (1 + math.exp(-strength))
+    assert lc["length_controlled_win_rate"] == pytest.approx(truth, abs=1.0)
+    assert raw - truth > 10  # the length preference the GLM took out
+    assert 0 <= lc["lc_standard_error"] < 20
+
+
+def test_length_controlled_v1_asked_for_without_its_files_is_unavailable(tmp_path):
+    lc = alpaca.length_controlled_metrics(length_judged_annotations(), list(range(20)), tmp_path,
+                                          glm="length_controlled_v1")
+    assert lc["length_controlled_win_rate"] is None and lc["lc_glm"] is None
+    assert "df_gamed.csv" in lc["lc_unavailable_reason"]
+    auto = alpaca.length_controlled_metrics(length_judged_annotations(), list(range(20)), tmp_path)
+    assert auto["lc_glm"] == "length_controlled_minimal"
+    assert auto["lc_unavailable_reason"].startswith("length_controlled_v1 not used: FileNotFoundError")
+
+
+def test_minimal_glm_on_too_few_pairs_says_why():
+    lc = alpaca.length_controlled_metrics(length_judged_annotations(n=4), None)
+    assert lc["length_controlled_win_rate"] is None
+    assert "4 judged pairs" in lc["lc_unavailable_reason"]
 
 
 def truncation_records() -> list[dict]:

@@ -28,6 +28,8 @@ def _eval(win: float, trusted: bool = True) -> dict:
     return {"model": "m", "metrics": {
         WIN: {"value": win, "stderr": 0.05, "n": 32, "higher_is_better": True, "trusted": trusted,
               "provenance": prov},
+        "alpaca_eval/lc_win_rate": {"value": win - 0.1, "stderr": 0.07, "n": 32, "higher_is_better": True,
+                                    "trusted": trusted, "provenance": {**prov, "lc_glm": "length_controlled_minimal"}},
         "ifeval/prompt_level_strict_acc": {"value": 0.25, "stderr": 0.01, "n": 32, "higher_is_better": True,
                                            "trusted": True, "provenance": prov},
     }, "judge_check": {"accuracy": 0.7, "position_bias": 0.1, "trusted": trusted, "n": 24}, "seconds": 3.0}
@@ -78,6 +80,8 @@ def test_full_report(tmp_path):
     assert "| instruction chars | – | – | 21.0 ± 2.0 | 22.0 ± 2.0 |" in md
     assert "| gate | – | – | passed | FAILED |" in md
     assert "† untrusted" in md and "- iter_02: alpaca_eval/win_rate: refused: evaluator untrusted" in md
+    assert "| alpaca_eval/lc_win_rate | 0.200 ± 0.070 |" in md
+    assert report.LC_GLM_NOTES["length_controlled_minimal"] in md
 
     names = {p.name for p in out["plots"]}
     assert names == {"win_rate.png", "score_histograms.png", "keep_rate.png", "lengths.png"}
@@ -97,6 +101,7 @@ def test_summary_table_for_the_terminal(tmp_path):
     assert win.split("  ")[-1].strip() == "0.600 ± 0.050 †"
     assert any(line.split() == ["train", "pairs", "–", "3", "5", "7"] for line in lines)
     assert "gate failed: iter_02" in text
+    assert report.LC_GLM_NOTES["length_controlled_minimal"] in text
 
 
 def test_missing_pieces_render_as_dashes(tmp_path):
