@@ -3,7 +3,8 @@
 Four pieces:
 
 * :func:`load_instruction_set` picks a seeded, reproducible subset of the 805 AlpacaEval
-  instructions together with the reference model's answers to exactly those instructions;
+  instructions together with the reference model's answers to exactly those instructions, read
+  from a local folder or the hub dataset ``tatsu-lab/alpaca_eval`` (:mod:`evals.sources`);
 * :func:`generate_answers` writes the evaluated model's answers through the project's engine, as
   AlpacaEval records (``instruction``, ``output``, ``generator``, ``dataset``);
 * :func:`score_alpaca_eval` has alpaca_eval's ``PairwiseAnnotator`` judge every pair (caching each
@@ -34,9 +35,10 @@ through the ``alpaca_eval`` command line.
 
 Offline. Nothing here lets alpaca_eval reach the Hugging Face hub: references, annotator
 configs and caching paths are always passed explicitly (its defaults download), ``evaluate`` and
-its leaderboards are not used, and the one hub download left on our path (the data of the
+its leaderboards are not used, and the one hub download left on its path (the data of the
 length-controlled GLM) is served from a local directory or the local hub cache only, see
-:func:`_hub_files_offline`.
+:func:`_hub_files_offline`. The reference outputs come from the hub only when asked for
+(``source="hub"``, or ``"auto"`` without a local file), through :mod:`evals.sources`.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ from typing import Any, Callable, Sequence
 
 import pandas as pd
 
+from evals import sources
+from evals.sources import REFERENCES  # noqa: F401 (re-exported: the named references)
 from harness.config import settings_digest
 from harness.rundir import combine_digests, file_digest, tree_digests, write_json_atomic
 from pipeline.engine import Engine, SamplingParams, TransformersEngine
@@ -83,10 +87,6 @@ ANNOTATORS_DIR = Path(__file__).resolve().parent / "annotators"
 LOCAL_JUDGE = "humpback_local_logprob"
 FAKE_JUDGE = "humpback_longest_fake"
 
-REFERENCES = {
-    "text_davinci_003": "reference_text_davinci_003.json",  # AlpacaEval 1 baseline
-    "gpt4_turbo": "reference_gpt4_turbo.json",  # AlpacaEval 2 baseline (gpt4_1106_preview)
-}
 RECORD_FIELDS = ("instruction", "output", "generator", "dataset")
 
 # Corruptions whose answer is known to be worse than the reference answer (see check_judge).
@@ -137,6 +137,9 @@ class InstructionSet:
         reference_path: the file the reference records were read from.
         subset_size: the size asked for (None: all).
         seed: the seed that drew the subset.
+        source: where the reference file came from (:attr:`evals.sources.ReferenceFile.origin`):
+            ``{"kind": "local", "path"}`` or ``{"kind": "hub", "repo_id", "filename", "revision",
+            "commit"}``.
     """
 
     instructions: list[dict[str, Any]]
@@ -145,6 +148,7 @@ class InstructionSet:
     reference_path: str
     subset_size: int | None
     seed: int
+    source: dict[str, Any] = field(default_factory=lambda: {"kind": "local"})
 
     @property
     def indices(self) -> list[int]:
@@ -163,34 +167,22 @@ class InstructionSet:
         return [by_instruction[r["instruction"]] for r in self.instructions]
 
     def provenance(self) -> dict[str, Any]:
+        """What the set is, with the reference file identified by content and by origin:
+        ``reference_source`` is ``local`` or ``hub``; a hub file adds ``reference_hub``
+        (repo, filename, revision asked for and the snapshot commit, when known)."""
+        hub = None
+        if self.source.get("kind") == "hub":
+            hub = {k: self.source.get(k) for k in ("repo_id", "filename", "revision", "commit")}
         return {
             "reference": self.reference_name,
             "reference_sha256": file_digest(Path(self.reference_path)),
+            "reference_source": self.source.get("kind", "local"),
+            "reference_hub": hub,
             "subset_size": self.subset_size,
             "subset_seed": self.seed,
             "n_instructions": len(self.instructions),
             "indices_digest": settings_digest(self.indices),
         }
-
-
-def _alpaca_eval_dir(data_dir: str | Path) -> Path:
-    root = Path(data_dir)
-    return root / "alpaca_eval" if (root / "alpaca_eval").is_dir() else root
-
-
-def _reference_path(root: Path, reference: str) -> tuple[str, Path]:
-    if reference in REFERENCES:
-        return reference, root / REFERENCES[reference]
-    path = Path(reference)
-    if path.suffix == ".json":
-        path = path if path.is_absolute() or path.exists() else root / path
-        return path.stem, path
-    named = root / "model_outputs" / f"{reference}.json"
-    if named.is_file():
-        return reference, named
-    raise ValueError(
-        f"reference {reference!r}: not one of {sorted(REFERENCES)}, a .json file, or a name in {root / 'model_outputs'}"
-    )
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
@@ -205,23 +197,32 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
 
 def load_instruction_set(
-    data_dir: str | Path, reference: str = "text_davinci_003", subset_size: int | None = None, seed: int = 0
+    data_dir: str | Path | None, reference: str = "text_davinci_003", subset_size: int | None = None, seed: int = 0,
+    *, source: sources.Source = "local", hub_revision: str | None = None,
 ) -> InstructionSet:
     """A seeded subset of the AlpacaEval instructions with the reference's answers to them.
 
     Args:
-        data_dir: the shared data directory or its ``alpaca_eval/`` folder.
+        data_dir: the shared data directory or its ``alpaca_eval/`` folder (may be None or
+            missing when the reference comes from the hub).
         reference: ``text_davinci_003`` (AlpacaEval 1), ``gpt4_turbo`` (AlpacaEval 2), a path to
             another AlpacaEval outputs JSON, or the name of one in ``model_outputs/``.
         subset_size: how many instructions; None (or at least the set's size) keeps all.
-        seed: draws the subset; the same seed gives the same subset whatever the reference,
-            because every AlpacaEval file lists the instructions in the same order.
+        seed: draws the subset; the same seed gives the same subset whatever the reference and
+            wherever it was read from, because every AlpacaEval file lists the instructions in
+            the same order.
+        source: ``local``, ``hub`` (the Hugging Face dataset tatsu-lab/alpaca_eval) or ``auto``
+            (local when ``data_dir`` has the file, else the hub); see :mod:`evals.sources`.
+        hub_revision: the hub dataset's revision (None: main).
 
     Returns:
         The subset, in the set's original order.
+
+    Raises:
+        evals.sources.SourceError: the reference file can be had from neither place.
     """
-    root = _alpaca_eval_dir(data_dir)
-    name, path = _reference_path(root, reference)
+    resolved = sources.resolve_reference(data_dir, reference, source, hub_revision)
+    name, path = resolved.name, resolved.path
     records = read_records(path)
     if len({r["instruction"] for r in records}) != len(records):
         raise ValueError(f"{path}: instructions are not unique")
@@ -234,7 +235,7 @@ def load_instruction_set(
         {"instruction": records[i]["instruction"], "dataset": records[i].get("dataset", ""), "index": i} for i in indices
     ]
     reference_records = [{k: records[i].get(k, "") for k in RECORD_FIELDS} for i in indices]
-    return InstructionSet(instructions, reference_records, name, str(path), subset_size, seed)
+    return InstructionSet(instructions, reference_records, name, str(path), subset_size, seed, dict(resolved.origin))
 
 
 # --------------------------------------------------------------------------- answers

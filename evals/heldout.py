@@ -230,6 +230,23 @@ def build_lm(spec: ModelSpec, *, batch_size: int, device: str):
     )
 
 
+class SharedLM:
+    """lm-eval's model for one evaluated model, built on first use and then reused, so the local
+    tasks and the hub tasks (:mod:`evals.hub_tasks`) load the weights once."""
+
+    def __init__(self, spec: ModelSpec, *, batch_size: int, device: str):
+        self.spec, self.batch_size, self.device = spec, batch_size, device
+        self._lm = None
+
+    def get(self, spec: ModelSpec, batch_size: int, device: str):
+        if (spec, batch_size, device) != (self.spec, self.batch_size, self.device):
+            raise HeldoutError(f"shared model was built for {self.spec.path} (batch size {self.batch_size}, "
+                               f"{self.device}), asked for {spec.path} (batch size {batch_size}, {device})")
+        if self._lm is None:
+            self._lm = build_lm(spec, batch_size=batch_size, device=device)
+        return self._lm
+
+
 def metric_name(task: str, key: str) -> tuple[str, str] | None:
     """``("gsm8k/exact_match_strict", "exact_match")`` from lm-eval's ``"exact_match,strict-match"``;
     None for stderr entries and non-metric keys."""
@@ -299,6 +316,7 @@ def run_heldout(
     system_prompt: str | None = None,
     max_gen_toks: int = 256,
     device: str = "cpu",
+    shared_lm: SharedLM | None = None,
 ) -> dict:
     """Evaluate a model on held-out tasks with ``lm_eval.simple_evaluate``.
 
@@ -323,6 +341,8 @@ def run_heldout(
         max_gen_toks: Generation budget for IFEval and GSM8K (lm-eval's defaults: 1280 for
             IFEval, 256 for GSM8K).
         device: Torch device; lm-eval itself would assume CUDA.
+        shared_lm: a model loader shared with other evaluations of the same model (the hub
+            tasks), so the weights are loaded once; None: load them here.
 
     Returns:
         ``{"metrics": {"<task>/<metric>": {"value", "stderr", "n", "task", "task_version",
@@ -407,7 +427,7 @@ def run_heldout(
     }
 
     log.info("held-out evaluation of %s on %s (limit=%s, seed=%s)", spec.path, tasks, limit, seed)
-    results = evaluate(spec, tasks, tasks_dir, samples=samples, config=config)
+    results = evaluate(spec, tasks, tasks_dir, samples=samples, config=config, shared_lm=shared_lm)
     files_written = write_raw_outputs(
         results, out_dir, {"config": config, "paths": paths, "sample_indices": samples}
     )
@@ -432,12 +452,16 @@ def evaluate(
     *,
     samples: dict[str, list[int]] | None,
     config: dict[str, Any],
+    shared_lm: SharedLM | None = None,
 ) -> dict[str, Any]:
     """Run ``lm_eval.simple_evaluate`` on the rendered tasks only (no built-ins indexed)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    lm = build_lm(spec, batch_size=config["batch_size"], device=config["device"])
+    if shared_lm is not None:
+        lm = shared_lm.get(spec, config["batch_size"], config["device"])
+    else:
+        lm = build_lm(spec, batch_size=config["batch_size"], device=config["device"])
     seed = config["seed"]
     results = lm_eval.simple_evaluate(
         model=lm,

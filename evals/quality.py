@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -113,10 +114,16 @@ EVAL_PROMPT_FILES = {
 }
 
 
-def load_eval_prompt_sets(data_dir: str | Path) -> tuple[dict[str, list[str]], list[str]]:
-    """Every evaluation prompt set found under ``data_dir``, and the names of those missing."""
+def read_prompts(path: str | Path, field: str) -> list[str]:
+    """The string values of ``field`` in every record of a JSON/JSONL/CSV file."""
     from pipeline.data import Record, read_source
 
+    return [r.data[field] for r in read_source(str(path))
+            if isinstance(r, Record) and isinstance(r.data.get(field), str)]
+
+
+def load_eval_prompt_sets(data_dir: str | Path) -> tuple[dict[str, list[str]], list[str]]:
+    """Every evaluation prompt set found under ``data_dir``, and the names of those missing."""
     found: dict[str, list[str]] = {}
     missing: list[str] = []
     for name, (rel, field) in EVAL_PROMPT_FILES.items():
@@ -124,9 +131,81 @@ def load_eval_prompt_sets(data_dir: str | Path) -> tuple[dict[str, list[str]], l
         if not path.is_file():
             missing.append(name)
             continue
-        found[name] = [r.data[field] for r in read_source(str(path))
-                       if isinstance(r, Record) and isinstance(r.data.get(field), str)]
+        found[name] = read_prompts(path, field)
     return found, missing
+
+
+@dataclass
+class EvalPromptSets:
+    """The evaluation prompts the contamination check indexes, and what it cannot check.
+
+    Attributes:
+        found: set name -> prompts.
+        fingerprints: set name -> sha256 of the file its prompts were read from.
+        origins: set name -> ``local:<path>`` or ``hub:<repo>/<file>``.
+        not_checked: set name -> why it is not checked (a missing file, a failed download, or an
+            lm-eval hub task, ``lm_eval:<task>``, whose prompts are not indexed).
+    """
+
+    found: dict[str, list[str]] = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)
+    not_checked: dict[str, str] = field(default_factory=dict)
+
+
+HUB_TASK_NOT_INDEXED = ("lm-eval stock task with data from the Hugging Face hub: its prompts are not indexed "
+                        "by the contamination check")
+
+
+def collect_eval_prompt_sets(
+    data_dir: str | Path | None,
+    *,
+    alpaca_source: str = "local",
+    alpaca_reference: str = "text_davinci_003",
+    hub_revision: str | None = None,
+    hub_tasks: Sequence[str] = (),
+) -> EvalPromptSets:
+    """The evaluation prompts from wherever evaluation will read them.
+
+    Local sets come from ``data_dir`` (:data:`EVAL_PROMPT_FILES`). AlpacaEval's 805 instructions
+    come from the same place as the evaluation's reference outputs (``alpaca_source``, see
+    :mod:`evals.sources`): the hub file when the hub is the source (downloaded here if not yet in
+    the hub cache); if that fails and there is no local copy, AlpacaEval is listed as not
+    checked with the hub error. Hub held-out tasks (``hub_tasks``) are always listed as not
+    checked.
+    """
+    from evals import sources
+    from pipeline.data import source_fingerprint
+
+    out = EvalPromptSets()
+    for name, (rel, column) in EVAL_PROMPT_FILES.items():
+        if data_dir is None:
+            out.not_checked[name] = "eval.data_dir is unset"
+            continue
+        path = Path(data_dir) / rel
+        if not path.is_file():
+            out.not_checked[name] = f"{path} not found"
+            continue
+        out.found[name] = read_prompts(path, column)
+        out.fingerprints[name] = source_fingerprint(str(path))
+        out.origins[name] = f"local:{path}"
+    if alpaca_source == "hub" or (alpaca_source == "auto" and "alpaca_eval" in out.not_checked):
+        # Any named reference lists the same instructions; another model's file is local only.
+        reference = alpaca_reference if alpaca_reference in sources.HUB_FILES else "text_davinci_003"
+        try:
+            ref = sources.resolve_reference(data_dir, reference, alpaca_source, hub_revision)
+        except sources.SourceError as exc:
+            if "alpaca_eval" not in out.found:  # a local copy holds the same instructions
+                out.not_checked["alpaca_eval"] = str(exc)
+        else:
+            out.found["alpaca_eval"] = read_prompts(ref.path, EVAL_PROMPT_FILES["alpaca_eval"][1])
+            out.fingerprints["alpaca_eval"] = source_fingerprint(str(ref.path))
+            out.origins["alpaca_eval"] = (f"hub:{ref.origin['repo_id']}/{ref.origin['filename']}" if ref.kind == "hub"
+                                          else f"local:{ref.path}")
+            out.not_checked.pop("alpaca_eval", None)
+    for task in hub_tasks:
+        out.not_checked[f"lm_eval:{task}"] = HUB_TASK_NOT_INDEXED
+    return out
 
 
 def load_labelled_pairs(name: str = "curation_labelled_v1.jsonl") -> list[dict[str, Any]]:

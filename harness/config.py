@@ -189,7 +189,8 @@ class EvalSection(_Section):
     enabled: bool = True
     data_dir: str | None = "../shared/data"
     """Directory laid out like ``../shared/data`` (``alpaca_eval/``, ``heldout/``). Its evaluation
-    prompts also feed the contamination check."""
+    prompts also feed the contamination check. Not needed when AlpacaEval comes from the hub
+    (``alpaca_source``) and only hub tasks are held out (``heldout_tasks: []``)."""
     contamination_n: int = Field(8, ge=3)
     """Training pairs sharing a word n-gram of this length with any evaluation prompt are dropped."""
     contamination_fields: list[str] = Field(default_factory=lambda: ["instruction"])
@@ -204,6 +205,17 @@ class EvalSection(_Section):
     alpaca_reference: str = "text_davinci_003"
     """``text_davinci_003`` (AlpacaEval 1, the paper's), ``gpt4_turbo`` (AlpacaEval 2), or a path to
     another model's AlpacaEval outputs JSON."""
+    alpaca_source: Literal["auto", "local", "hub"] = "auto"
+    """Where the reference outputs (and the 805 instructions) are read from: ``local``
+    (``<data_dir>/alpaca_eval/reference_<name>.json``), ``hub`` (the Hugging Face dataset
+    tatsu-lab/alpaca_eval: ``alpaca_eval.json`` for text_davinci_003,
+    ``alpaca_eval_gpt4_baseline.json`` for gpt4_turbo; cached after the first download), or
+    ``auto``: local when ``data_dir`` has the file, else the hub. Another model's outputs file is
+    always local. The same seed picks the same instructions from either."""
+    alpaca_hub_revision: str | None = None
+    """Revision (branch, tag or commit) of tatsu-lab/alpaca_eval when the hub is used (None: main).
+    Pin a commit for reproducible runs; the file's sha256 is in every AlpacaEval metric's
+    provenance either way, so gates never compare numbers made against different files."""
     alpaca_lc_glm: Literal["auto", "length_controlled_v1", "length_controlled_minimal"] = "auto"
     """The length-controlled win rate's GLM. ``length_controlled_v1`` is AlpacaEval 2's (needs
     ``df_gamed.csv`` from the hub dataset tatsu-lab/alpaca_eval, see below);
@@ -225,8 +237,38 @@ class EvalSection(_Section):
     min_judge_accuracy: float = Field(0.75, ge=0, le=1)
     heldout_tasks: list[Literal["ifeval", "truthfulqa_mc1", "truthfulqa_mc2", "gsm8k"]] = Field(
         default_factory=lambda: ["ifeval", "truthfulqa_mc1", "truthfulqa_mc2", "gsm8k"])
+    """The project's own task definitions over local files under ``data_dir/heldout/``."""
+    heldout_hub_tasks: list[str] = Field(default_factory=list)
+    """lm-eval stock task, group or tag names (``lm-eval ls tasks``), whose data lm-eval
+    downloads from the Hugging Face hub, e.g. the paper's ``arc_easy``, ``arc_challenge``,
+    ``piqa``, ``social_iqa`` (SIQA), ``openbookqa``, ``mmlu``. Run in addition to
+    ``heldout_tasks``, with the same model loading, dtype, chat template, system prompt and
+    seeds; metrics are named ``<task>/<metric>``. Names are checked against lm-eval's task index
+    before anything runs."""
+    heldout_hub_num_fewshot: dict[str, int] = Field(default_factory=dict)
+    """Few-shot examples per hub task, overriding lm-eval's default (e.g. ``{mmlu: 5}``, the
+    paper's MMLU setting); a group's value applies to each of its tasks. Unnamed tasks keep
+    lm-eval's stock setting."""
     heldout_limit: int | None = 20
-    """Documents per held-out task (a seeded subset; None: all)."""
+    """Documents per held-out task (a seeded subset; None: all). For a hub group such as
+    ``mmlu`` the limit applies to each of its tasks, as lm-eval's own ``--limit`` does."""
+
+    @model_validator(mode="after")
+    def _heldout_names(self) -> "EvalSection":
+        both = sorted(set(self.heldout_tasks) & set(self.heldout_hub_tasks))
+        if both:
+            raise ValueError(f"{both} listed in both heldout_tasks (local files) and heldout_hub_tasks "
+                             "(lm-eval stock task): their metric names would collide; keep each in one list")
+        repeated = sorted({t for t in self.heldout_hub_tasks if self.heldout_hub_tasks.count(t) > 1})
+        if repeated:
+            raise ValueError(f"heldout_hub_tasks lists {repeated} more than once")
+        stray = sorted(set(self.heldout_hub_num_fewshot) - set(self.heldout_hub_tasks))
+        if stray:
+            raise ValueError(f"heldout_hub_num_fewshot names {stray}, which are not in heldout_hub_tasks")
+        negative = sorted(k for k, v in self.heldout_hub_num_fewshot.items() if v < 0)
+        if negative:
+            raise ValueError(f"heldout_hub_num_fewshot must be >= 0 (got a negative count for {negative})")
+        return self
 
 
 class GateRuleSection(_Section):

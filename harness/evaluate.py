@@ -34,11 +34,42 @@ def judge_model_spec(cfg: RunConfig) -> str:
 
 
 def eval_settings(cfg: RunConfig) -> dict[str, Any]:
-    """What defines an evaluation, apart from the model evaluated."""
+    """What defines an evaluation, apart from the model evaluated.
+
+    Hub sources add their settings only when used, so runs that read everything locally keep
+    the settings (and cache keys) they had before the hub options existed."""
     ev = cfg.eval.model_dump()
     keep = ("data_dir", "seed", "batch_size", "max_new_tokens", "alpaca_subset", "alpaca_reference", "judge",
             "heldout_tasks", "heldout_limit", "alpaca_lc_data_dir", "alpaca_lc_download", "alpaca_lc_glm")
-    return {**{k: ev[k] for k in keep}, "judge_model": judge_model_spec(cfg), "system": stages.system_prompt(cfg)}
+    out = {**{k: ev[k] for k in keep}, "judge_model": judge_model_spec(cfg), "system": stages.system_prompt(cfg)}
+    return {**out, **_alpaca_source_settings(cfg), **_hub_task_settings(cfg)}
+
+
+def _alpaca_source_settings(cfg: RunConfig) -> dict[str, Any]:
+    """``alpaca_source``/``alpaca_hub_revision`` when the reference comes from the hub (decided
+    from the file system, without downloading)."""
+    from evals import sources
+
+    ev = cfg.eval
+    if sources.planned_kind(ev.data_dir, ev.alpaca_reference, ev.alpaca_source) != "hub":
+        return {}
+    return {"alpaca_source": "hub", "alpaca_hub_revision": ev.alpaca_hub_revision}
+
+
+def _hub_task_settings(cfg: RunConfig) -> dict[str, Any]:
+    ev = cfg.eval
+    if not ev.heldout_hub_tasks:
+        return {}
+    return {"heldout_hub_tasks": list(ev.heldout_hub_tasks),
+            "heldout_hub_num_fewshot": dict(ev.heldout_hub_num_fewshot)}
+
+
+def _instruction_set(cfg: RunConfig, subset: int | None):
+    from evals import alpaca
+
+    ev = cfg.eval
+    return alpaca.load_instruction_set(ev.data_dir, ev.alpaca_reference, subset, ev.seed, source=ev.alpaca_source,
+                                       hub_revision=ev.alpaca_hub_revision)
 
 
 def check_judge_stage(run: RunDir, cfg: RunConfig) -> StageResult:
@@ -47,7 +78,7 @@ def check_judge_stage(run: RunDir, cfg: RunConfig) -> StageResult:
     ev = cfg.eval
 
     def fn(ctx: StageContext) -> dict[str, Any]:
-        instructions = alpaca.load_instruction_set(ev.data_dir, ev.alpaca_reference, None, ev.seed)
+        instructions = _instruction_set(cfg, None)
         judge = alpaca.Judge(ev.judge, _judge_model(cfg), batch_size=ev.batch_size)
         result = alpaca.check_judge(judge, instructions.reference, n=ev.judge_check_pairs, seed=ev.seed,
                                     min_accuracy=ev.min_judge_accuracy, out_dir=ctx.work)
@@ -60,7 +91,7 @@ def check_judge_stage(run: RunDir, cfg: RunConfig) -> StageResult:
 
     settings = {"judge": ev.judge, "judge_model": judge_model_spec(cfg), "pairs": ev.judge_check_pairs,
                 "seed": ev.seed, "min_accuracy": ev.min_judge_accuracy, "reference": ev.alpaca_reference,
-                "data_dir": ev.data_dir}
+                "data_dir": ev.data_dir, **_alpaca_source_settings(cfg)}
     return run.stage("judge_check", fn, version="judge_check_v1", settings=settings)
 
 
@@ -81,7 +112,7 @@ def evaluate_model(run: RunDir, cfg: RunConfig, prefix: str, model: StageResult,
         path = stages.model_path(ctx.inputs["model"])
         check = ctx.inputs["judge_check"].stats
         metrics = _alpaca_metrics(cfg, prefix, path, ctx.work / "alpaca", run.root / "cache", check, settings)
-        metrics.update(_heldout_metrics(cfg, path, ctx.work / "heldout", settings))
+        metrics.update(_heldout_metrics(cfg, path, ctx.work, settings))
         summary = {"model": ctx.inputs["model"].name, "metrics": metrics, "judge_check": check,
                    "seconds": round(time.time() - started, 1)}
         write_json_atomic(ctx.work / "summary.json", summary)
@@ -95,7 +126,7 @@ def _alpaca_metrics(cfg, prefix, model_path, out_dir: Path, cache: Path, check: 
     from evals import alpaca
 
     ev = cfg.eval
-    instructions = alpaca.load_instruction_set(ev.data_dir, ev.alpaca_reference, ev.alpaca_subset, ev.seed)
+    instructions = _instruction_set(cfg, ev.alpaca_subset)
     engine = stages.make_engine(model_path, cfg, ev.batch_size)
     outputs = alpaca.generate_answers(engine, instructions.instructions, generator=prefix,
                                       system_prompt=stages.system_prompt(cfg), max_new_tokens=ev.max_new_tokens,
@@ -107,8 +138,13 @@ def _alpaca_metrics(cfg, prefix, model_path, out_dir: Path, cache: Path, check: 
     result = alpaca.score_alpaca_eval(outputs, instructions, out_dir, judge=judge, cache_dir=cache,
                                       lc_data_dir=ev.alpaca_lc_data_dir, lc_download=ev.alpaca_lc_download,
                                       lc_glm=ev.alpaca_lc_glm)
+    reference = instructions.provenance()
     provenance = {"eval_config": settings_digest(settings), "judge": judge.identity(),
-                  "reference": instructions.provenance().get("reference")}
+                  "reference": reference["reference"]}
+    if reference["reference_source"] == "hub":
+        # The hub file can change between iterations of one run: numbers made against different
+        # files must not be compared, so its content is part of the provenance.
+        provenance.update(reference_source="hub", reference_sha256=reference["reference_sha256"])
     trusted = bool(check.get("trusted"))
     metrics = {
         "alpaca_eval/win_rate": _metric(result["win_rate"], result.get("standard_error"), result["n"], provenance, trusted),
@@ -124,22 +160,48 @@ def _alpaca_metrics(cfg, prefix, model_path, out_dir: Path, cache: Path, check: 
     return metrics
 
 
-def _heldout_metrics(cfg, model_path: str, out_dir: Path, settings: dict) -> dict:
-    from evals.heldout import run_heldout
+def _heldout_metrics(cfg, model_path: str, work: Path, settings: dict) -> dict:
+    """Local held-out tasks (``work/heldout/``) and lm-eval hub tasks (``work/heldout_hub/``) on one
+    loaded model; hub tasks are validated and their data fetched before the model loads."""
+    from evals import heldout, hub_tasks
 
     ev = cfg.eval
-    if not ev.heldout_tasks:
+    if not ev.heldout_tasks and not ev.heldout_hub_tasks:
         return {}
     device = cfg.engine.device if cfg.engine.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    result = run_heldout(model_path, out_dir, data_dir=ev.data_dir, tasks=ev.heldout_tasks, limit=ev.heldout_limit,
-                         seed=ev.seed, batch_size=ev.batch_size, system_prompt=stages.system_prompt(cfg),
-                         max_gen_toks=ev.max_new_tokens, device=device)
-    return {
-        name: _metric(m["value"], m.get("stderr"), m.get("n"),
-                      {"eval_config": settings_digest(settings), "task_version": m.get("task_version")},
-                      True, higher=m.get("higher_is_better", True))
-        for name, m in result["metrics"].items()
-    }
+    plan = None
+    if ev.heldout_hub_tasks:
+        plan = hub_tasks.prepare_hub_tasks(ev.heldout_hub_tasks, limit=ev.heldout_limit, seed=ev.seed,
+                                           num_fewshot=ev.heldout_hub_num_fewshot)
+        clash = sorted(set(plan.reported_tasks()) & {*ev.heldout_tasks, "alpaca_eval"})
+        if clash:
+            raise hub_tasks.HubTaskError(f"eval.heldout_hub_tasks would report metrics under {clash}, which the local "
+                                         f"evaluations already use; drop them from one of the lists")
+    shared = heldout.SharedLM(heldout.resolve_model(model_path), batch_size=ev.batch_size, device=device)
+    digest = settings_digest(settings)
+    metrics: dict[str, Any] = {}
+    if ev.heldout_tasks:
+        result = heldout.run_heldout(model_path, work / "heldout", data_dir=ev.data_dir, tasks=ev.heldout_tasks,
+                                     limit=ev.heldout_limit, seed=ev.seed, batch_size=ev.batch_size,
+                                     system_prompt=stages.system_prompt(cfg), max_gen_toks=ev.max_new_tokens,
+                                     device=device, shared_lm=shared)
+        metrics.update({
+            name: _metric(m["value"], m.get("stderr"), m.get("n"),
+                          {"eval_config": digest, "task_version": m.get("task_version")},
+                          True, higher=m.get("higher_is_better", True))
+            for name, m in result["metrics"].items()
+        })
+    if plan is not None:
+        result = hub_tasks.run_hub_tasks(model_path, work / "heldout_hub", plan, batch_size=ev.batch_size,
+                                         system_prompt=stages.system_prompt(cfg), device=device, shared_lm=shared)
+        metrics.update({
+            name: _metric(m["value"], m.get("stderr"), m.get("n"),
+                          {"eval_config": digest, "task_version": m.get("task_version"), "source": m["source"],
+                           "data": hub_tasks.data_digest(plan, m["task"])},
+                          True, higher=m.get("higher_is_better", True))
+            for name, m in result["metrics"].items()
+        })
+    return metrics
 
 
 def _metric(value, stderr, n, provenance: dict, trusted: bool, higher: bool = True) -> dict[str, Any]:
@@ -161,27 +223,62 @@ def evaluate_standalone(cfg: RunConfig, model_spec: str, out: str | Path | None)
 def check_eval_inputs(cfg: RunConfig) -> None:
     """Fail before any work when evaluation data is missing, rather than after training.
 
+    The local folder (``eval.data_dir``) is demanded only for what is read from it: the AlpacaEval
+    reference unless it comes from the hub (fetched here, into the hub cache, when it does), and
+    the local held-out tasks. Hub task names are checked against lm-eval's task index (their data
+    is downloaded by the first evaluation, ``base/eval``, which runs before any training).
+
     Raises:
         DataError: naming what is missing and the settings that fix it.
     """
-    from evals import alpaca
+    from evals import sources
     from evals.heldout import HeldoutError, data_files
     from pipeline.data import DataError
 
     ev = cfg.eval
     if not ev.enabled:
         return
-    hint = ("set eval.data_dir to a folder laid out like ../shared/data (alpaca_eval/, heldout/), "
+    hint = ("set eval.data_dir to a folder laid out like ../shared/data (alpaca_eval/, heldout/); with internet, "
+            "eval.alpaca_source=auto or hub reads AlpacaEval from the Hugging Face hub and eval.heldout_tasks=[] "
+            "with lm-eval stock tasks in eval.heldout_hub_tasks needs no local held-out files; "
             "or eval.enabled=false to run the pipeline without evaluation")
-    if ev.data_dir is None or not Path(ev.data_dir).is_dir():
+    data_dir_ok = ev.data_dir is not None and Path(ev.data_dir).is_dir()
+    if ev.alpaca_source == "local" and not data_dir_ok:
         raise DataError(f"evaluation data directory {ev.data_dir!r} does not exist: {hint}")
     try:
-        _, path = alpaca._reference_path(alpaca._alpaca_eval_dir(ev.data_dir), ev.alpaca_reference)
-        if not path.is_file():
-            raise DataError(f"AlpacaEval reference outputs not found: {path}: {hint}")
         if ev.heldout_tasks:
+            if not data_dir_ok:
+                raise DataError(f"evaluation data directory {ev.data_dir!r} does not exist, and the local held-out "
+                                f"tasks {ev.heldout_tasks} (eval.heldout_tasks) read their files from it: {hint}")
             data_files(ev.heldout_tasks, Path(ev.data_dir))
+        sources.resolve_reference(ev.data_dir, ev.alpaca_reference, ev.alpaca_source, ev.alpaca_hub_revision)
+    except sources.SourceError as exc:
+        raise DataError(f"{exc}: {hint}") from exc
     except (HeldoutError, ValueError) as exc:
         if isinstance(exc, DataError):
             raise
         raise DataError(f"{exc}: {hint}") from exc
+    _check_gated_tasks_run(cfg)
+    if ev.heldout_hub_tasks:
+        from evals.hub_tasks import validate_task_names
+
+        validate_task_names(ev.heldout_hub_tasks)  # HubTaskError is a DataError
+
+
+def _check_gated_tasks_run(cfg: RunConfig) -> None:
+    """A gate on a local held-out task that is not evaluated would fail only after training
+    (``metric missing``); say so now. (Hub metric names are known only once lm-eval has built
+    the tasks, so only the local tasks' names are checked.)"""
+    from evals.heldout import HELDOUT_TASKS
+    from pipeline.data import DataError
+
+    if not cfg.gate.enabled:
+        return
+    evaluated = {*cfg.eval.heldout_tasks, *cfg.eval.heldout_hub_tasks}
+    missing = [r.metric for r in cfg.gate.metrics
+               if r.metric.split("/")[0] in HELDOUT_TASKS and r.metric.split("/")[0] not in evaluated]
+    if missing:
+        raise DataError(f"gate.metrics names {missing}, which no configured held-out task produces "
+                        f"(eval.heldout_tasks={list(cfg.eval.heldout_tasks)}, "
+                        f"eval.heldout_hub_tasks={list(cfg.eval.heldout_hub_tasks)}): gate on metrics the run makes, "
+                        f"e.g. gate.metrics=[{{metric: alpaca_eval/win_rate, abs_tol: 5.0}}], or gate.enabled=false")

@@ -74,34 +74,51 @@ def _sources(paths: list[str], cfg: RunConfig) -> list[str]:
 
 
 @lru_cache(maxsize=4)
-def _contamination(data_dir: str | None, n: int) -> tuple[quality.ContaminationIndex | None, tuple[str, ...], dict]:
-    """The evaluation prompts' n-gram index, the sets missing, and the files' fingerprints."""
-    if data_dir is None:
-        return None, tuple(quality.EVAL_PROMPT_FILES), {}
-    sets, missing = quality.load_eval_prompt_sets(data_dir)
-    if missing:
-        log.warning("contamination check: no %s prompts under %s", ", ".join(missing), data_dir)
-    prints = {name: data.source_fingerprint(str(Path(data_dir) / rel))
-              for name, (rel, _) in quality.EVAL_PROMPT_FILES.items() if name in sets}
-    return (quality.ContaminationIndex(sets, n) if sets else None), tuple(missing), prints
+def _contamination(data_dir: str | None, n: int, alpaca_source: str = "local",
+                   alpaca_reference: str = "text_davinci_003", hub_revision: str | None = None,
+                   hub_tasks: tuple[str, ...] = ()) -> tuple[quality.ContaminationIndex | None, quality.EvalPromptSets]:
+    """The evaluation prompts' n-gram index, and the sets found (with where from) and not checked.
+
+    AlpacaEval's prompts come from where evaluation reads them (``eval.alpaca_source``): with the
+    hub, the file is fetched here (and cached); if that fails, AlpacaEval is reported unchecked.
+    lm-eval hub tasks (``eval.heldout_hub_tasks``) are always reported unchecked."""
+    sets = quality.collect_eval_prompt_sets(data_dir, alpaca_source=alpaca_source, alpaca_reference=alpaca_reference,
+                                            hub_revision=hub_revision, hub_tasks=hub_tasks)
+    if sets.not_checked:
+        log.warning("contamination check: not checked against %s",
+                    "; ".join(f"{name} ({why})" for name, why in sets.not_checked.items()))
+    return (quality.ContaminationIndex(sets.found, n) if sets.found else None), sets
+
+
+def _eval_contamination(cfg: RunConfig) -> tuple[quality.ContaminationIndex | None, quality.EvalPromptSets]:
+    ev = cfg.eval
+    if not ev.enabled:
+        off = "evaluation is disabled (eval.enabled=false)"
+        return None, quality.EvalPromptSets(not_checked={name: off for name in quality.EVAL_PROMPT_FILES})
+    return _contamination(ev.data_dir, ev.contamination_n, ev.alpaca_source, ev.alpaca_reference,
+                          ev.alpaca_hub_revision, tuple(ev.heldout_hub_tasks))
 
 
 def contamination_settings(cfg: RunConfig) -> dict[str, Any]:
-    data_dir = cfg.eval.data_dir if cfg.eval.enabled else None
-    _, missing, prints = _contamination(data_dir, cfg.eval.contamination_n)
-    return {"n": cfg.eval.contamination_n, "fields": cfg.eval.contamination_fields, "sets": prints}
+    _, sets = _eval_contamination(cfg)
+    return {"n": cfg.eval.contamination_n, "fields": cfg.eval.contamination_fields, "sets": sets.fingerprints}
 
 
 def drop_contaminated(rows: list[dict[str, Any]], cfg: RunConfig) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """Rows sharing a word n-gram with any evaluation prompt are removed, with the sets they hit."""
-    data_dir = cfg.eval.data_dir if cfg.eval.enabled else None
-    index, missing, _ = _contamination(data_dir, cfg.eval.contamination_n)
+    """Rows sharing a word n-gram with any evaluation prompt are removed, with the sets they hit.
+
+    The stats say what was checked and what was not: ``checked_against`` (set names),
+    ``sources`` (``local:<path>`` or ``hub:<repo>/<file>`` per checked set), ``not_checked``
+    (names) and ``not_checked_reasons`` (name -> why)."""
+    index, sets = _eval_contamination(cfg)
+    report = {"not_checked": list(sets.not_checked), "not_checked_reasons": dict(sets.not_checked),
+              "sources": dict(sorted(sets.origins.items()))}
     if index is None:
-        return rows, [], {"contaminated": 0, "checked_against": [], "not_checked": list(missing)}
+        return rows, [], {"contaminated": 0, "checked_against": [], **report}
     flags = {f["index"]: f["eval_sets"] for f in index.flag(rows, cfg.eval.contamination_fields)}
     clean = [r for i, r in enumerate(rows) if i not in flags]
     dropped = [{**r, "contamination": flags[i]} for i, r in enumerate(rows) if i in flags]
-    stats = {"contaminated": len(dropped), "checked_against": sorted(index.sizes), "not_checked": list(missing)}
+    stats = {"contaminated": len(dropped), "checked_against": sorted(index.sizes), **report}
     return clean, dropped, stats
 
 
