@@ -177,8 +177,13 @@ class BackwardSection(TrainSection):
 
 class EngineSection(_Section):
     bf16: Literal["auto", "on", "off"] = "auto"
-    """bf16 autocast for generation and scoring; ``auto`` uses it where the hardware has native
-    bf16 (on a 2-core AVX512-BF16 CPU a forward pass ran 1.75x faster than fp32)."""
+    """bf16 weights for generation and scoring (the model is cast once when an engine is built);
+    ``auto`` uses them where the hardware has native bf16 (AVX512-BF16/AMX on CPUs). The judge
+    and lm-eval's held-out tasks always run in fp32, so scores do not move with the hardware."""
+    kv_cache_gib: float | None = Field(2.0, gt=0)
+    """Memory one generation batch's KV cache may take: batches hold fewer sequences than the
+    stage's ``batch_size`` when their longest prompt plus the new-token budget would need more
+    (null: ``batch_size`` alone decides). Size it to what the device has free beside the weights."""
     device: str = "auto"
     """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     threads: int | None = None

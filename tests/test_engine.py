@@ -61,3 +61,27 @@ def test_choice_probs_match_a_manual_forward_pass(engine):
 def test_choices_must_differ(engine):
     with pytest.raises(ValueError, match="distinct"):
         engine.choice_probs(CHATS[:1], "Score:", [" 1", " 1"])
+
+
+def test_batches_respect_the_kv_cache_budget(tiny_model):
+    eng = TransformersEngine(load_model(str(tiny_model)), load_tokenizer(str(tiny_model)), batch_size=4)
+    per_token = eng.kv_bytes_per_token()
+    cfg = eng.model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    assert per_token == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4  # fp32
+    ids = [[1] * n for n in (10, 40, 20, 30, 5, 35)]
+    # No budget: batch_size alone, longest first.
+    assert TransformersEngine._batches(eng, ids) == [[1, 5, 3, 2], [0, 4]]
+    # Budget of 100 padded tokens with 10 new tokens: widths 50 (2 fit), then 40 (2), then 20 (5 would).
+    eng.kv_cache_gib = 100 * per_token / 2**30
+    assert eng.max_batch_tokens() == 100
+    assert eng._batches(ids, new_tokens=10) == [[1, 5], [3, 2], [0, 4]]
+    # A sequence over the budget alone still runs, in a batch of its own.
+    eng.kv_cache_gib = 30 * per_token / 2**30
+    assert eng._batches(ids, new_tokens=10) == [[1], [5], [3], [2], [0], [4]]
+    # Generation under a tight budget gives the same greedy text as without one.
+    params = SamplingParams(max_new_tokens=6)
+    eng.kv_cache_gib = None
+    free = [c.text for c in eng.generate(CHATS, params)]
+    eng.kv_cache_gib = 40 * per_token / 2**30
+    assert [c.text for c in eng.generate(CHATS, params)] == free
