@@ -9,6 +9,7 @@ are computed from real token counts.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -162,45 +163,21 @@ def training_chats(profile: Profile) -> list[Chat]:
 
 def project_engine(model_path: str, batch_size: int) -> TransformersEngine:
     """The engine exactly as the pipeline's stages build it (``make_engine`` with default engine
-    settings: bf16 autocast where the CPU supports it)."""
+    settings: weights cast to bf16 where the CPU supports it)."""
     from harness.stages import make_engine
 
     return make_engine(model_path, RunConfig(), batch_size)
 
 
-def derived_engine(engine: TransformersEngine, batch_size: int | None = None, model=None,
-                   autocast_bf16: bool | None = None) -> TransformersEngine:
+def derived_engine(engine: TransformersEngine, batch_size: int | None = None, model=None) -> TransformersEngine:
     """Another engine on the same (or a given) model, with its own fresh counters."""
-    return TransformersEngine(
-        model if model is not None else engine.model,
-        engine.tokenizer,
-        batch_size=batch_size or engine.batch_size,
-        autocast_bf16=engine.autocast_bf16 if autocast_bf16 is None else autocast_bf16,
-    )
+    return TransformersEngine(model if model is not None else engine.model, engine.tokenizer,
+                              batch_size=batch_size or engine.batch_size)
 
 
 def engine_dtype(engine: TransformersEngine) -> str:
     """The dtype the engine's matmuls run in: what its MFU is measured against."""
-    if engine.autocast_bf16 or next(engine.model.parameters()).dtype == torch.bfloat16:
-        return "bf16"
-    return "fp32"
-
-
-@contextlib.contextmanager
-def forced_new_tokens(model, n: int | None):
-    """Make every ``generate`` on ``model`` produce exactly ``n`` new tokens.
-
-    The engine passes no extra generation kwargs, but ``generate`` starts from the model's
-    ``generation_config``: a ``min_new_tokens`` there suppresses EOS until ``n`` tokens exist,
-    and ``max_new_tokens`` = ``n`` stops there. Fixed work makes runs comparable.
-    """
-    config = model.generation_config
-    before = config.min_new_tokens
-    config.min_new_tokens = n
-    try:
-        yield
-    finally:
-        config.min_new_tokens = before
+    return "bf16" if next(engine.model.parameters()).dtype == torch.bfloat16 else "fp32"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,12 +191,13 @@ def _stats_delta(engine: TransformersEngine, before: dict[str, float]) -> tuple[
 
 
 def engine_generate_round(engine: TransformersEngine, chats: Sequence[Chat], params: SamplingParams) -> Round:
-    """One batched ``engine.generate`` over every chat, with the new-token count forced."""
+    """One batched ``engine.generate`` over every chat, with the new-token count forced
+    (``min_new_tokens`` = ``max_new_tokens``: fixed work makes runs comparable)."""
     before = dict(engine.stats)
-    with forced_new_tokens(engine.model, params.max_new_tokens):
-        start = time.perf_counter()
-        completions = engine.generate(chats, params)
-        seconds = time.perf_counter() - start
+    params = dataclasses.replace(params, min_new_tokens=params.max_new_tokens)
+    start = time.perf_counter()
+    completions = engine.generate(chats, params)
+    seconds = time.perf_counter() - start
     prompt, new = _stats_delta(engine, before)
     return Round(seconds, len(chats), prompt, new, {"finished": sum(c.finished for c in completions)})
 
