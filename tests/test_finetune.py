@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from harness.config import TrainSection
-from pipeline.finetune import IGNORE, encode_example, finetune
+from pipeline.finetune import IGNORE, encode_example, finetune, target_only_loss
 from pipeline.models import is_adapter, load_model, load_tokenizer
 
 CHATS = [
@@ -94,3 +94,36 @@ def test_loss_decreases_on_repeated_data(tiny_model, tmp_path):
 def test_chat_must_end_with_assistant(tiny_model, bad):
     with pytest.raises(ValueError, match="assistant"):
         encode_example(bad, load_tokenizer(str(tiny_model)), 64)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_target_only_loss_equals_transformers_loss(tiny_model, lora):
+    """Same value and same gradients as the model's own loss over every position."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = load_model(str(tiny_model))
+    if lora:
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"]))
+        # peft starts B at zero; move it so the adapter takes part in the loss
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.5)
+    ids = torch.randint(5, 200, (3, 20))
+    labels = ids.clone()
+    labels[:, :8] = IGNORE
+    labels[2, 15:] = IGNORE
+    mask = torch.ones_like(ids)
+    mask[2, 15:] = 0
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    want = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    want_grads = torch.autograd.grad(want, params)
+    got = target_only_loss(model, ids, mask, labels)
+    got_grads = torch.autograd.grad(got, params)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    # Under gradient accumulation: sum over this batch's targets / all targets of the step.
+    scaled = target_only_loss(model, ids, mask, labels, num_items_in_batch=100)
+    assert float(scaled) == pytest.approx(float(want) * int((labels[:, 1:] != IGNORE).sum()) / 100, rel=1e-5)
