@@ -16,9 +16,9 @@ help:
 	@echo "make test               run the test suite (offline, CPU)"
 	@echo "make test-fast          tests without the end-to-end runs"
 	@echo "make setup              create $(VENV) and install everything"
-	@echo "make bench              throughput benchmarks on SmolLM2-135M (table + JSON in benchmarks/results/)"
+	@echo "make bench              throughput benchmarks on SmolLM2-135M (table + JSON in benchmarks/results/); builds llama-cpp-python once for the llama.cpp reference"
 	@echo "make bench-check        short benchmark run, fails below the committed baseline's tolerance"
-	@echo "make bench-baseline     rewrite benchmarks/baselines/cpu.json from 5 short runs (on purpose only)"
+	@echo "make bench-baseline     rewrite benchmarks/baselines/cpu.json from BENCH_RUNS=5 short runs (on purpose only)"
 	@echo "make mlflow-ui          serve MLflow's UI for runs/ on http://127.0.0.1:5000"
 	@echo "make clean-runs         delete runs/ (all run directories)"
 
@@ -43,15 +43,28 @@ test-fast: $(STAMP)
 iterate-and-eval: $(STAMP)
 	$(VENV)/bin/humpback iterate --config $(CONFIG) $(ARGS)
 
-bench: $(STAMP)
+# llama.cpp reference for `make bench`: llama-cpp-python builds from source (about 8 minutes on 2
+# cores, once; pip caches the wheel). A failed build is reported and the comparison is marked
+# unavailable; delete $(VENV)/.llama-cpp-stamp to try again.
+LLAMA_CPP ?= llama-cpp-python==0.3.36
+$(VENV)/.llama-cpp-stamp: $(STAMP)
+	$(PY) -m pip install --quiet $(LLAMA_CPP) \
+	  || echo "warning: $(LLAMA_CPP) did not build; the llama.cpp comparison will be reported as unavailable" >&2
+	touch $@
+
+bench: $(STAMP) $(VENV)/.llama-cpp-stamp
 	$(VENV)/bin/pytest benchmarks -p no:cacheprovider --bench-profile full
 
 bench-check: $(STAMP)
+	rm -f benchmarks/results/check.status
 	$(VENV)/bin/pytest benchmarks -q -p no:cacheprovider --bench-profile quick --bench-out benchmarks/results/check.json
-	$(VENV)/bin/python -m benchmarks.check --results benchmarks/results/check.json
+	$(VENV)/bin/python -m benchmarks.check --results benchmarks/results/check.json; \
+	  status=$$?; echo $$status > benchmarks/results/check.status; exit $$status
 
+BENCH_RUNS ?= 5
 bench-baseline: $(STAMP)
-	for i in 1 2 3 4 5; do \
+	rm -f benchmarks/results/baseline-run-*.json
+	for i in $$(seq 1 $(BENCH_RUNS)); do \
 	  $(VENV)/bin/pytest benchmarks -q -p no:cacheprovider --bench-profile quick \
 	    --bench-out benchmarks/results/baseline-run-$$i.json || exit 1; \
 	done

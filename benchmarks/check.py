@@ -6,9 +6,9 @@ falls more than the baseline's tolerance below the baseline's value. Faster is n
     python -m benchmarks.check [--results FILE] [--baseline FILE] [--tolerance X]
     python -m benchmarks.check --write-baseline RUN.json [RUN.json ...] [--baseline FILE]
 
-Exit status: 0 no regression, 1 a workload regressed (or is missing), 2 unusable input, 3 only
-workloads that other processes disturbed fell below the baseline (inconclusive: rerun on a quiet
-machine).
+Exit status: 0 no regression, 1 a workload regressed (or is missing), 2 unusable input, 3
+inconclusive: only workloads that other processes disturbed fell below the baseline (rerun on a
+quiet machine), or the machine differs from the baseline's in native bf16 or thread count.
 
 Writing a baseline takes several runs of the same profile: the baseline value is the median of
 the runs' medians, and each workload's tolerance comes from how far those runs spread (see
@@ -145,6 +145,18 @@ def format_verdicts(verdicts: Sequence[Verdict]) -> str:
     return "\n".join(lines)
 
 
+COMPARABLE_KEYS = ("bf16_supported", "threads")
+"""Machine facts that must match the baseline's for a drop to count as a regression: without
+native bf16 the engine runs another code path (fp32), and another thread count scales the
+per-step overheads differently from the matmul peak that normalizes throughput."""
+
+
+def incomparable(results: dict[str, Any], baseline: dict[str, Any]) -> list[str]:
+    """The facts in :data:`COMPARABLE_KEYS` on which this machine differs from the baseline's."""
+    a, b = results.get("machine", {}), baseline.get("machine", {})
+    return [f"{k}: baseline {b.get(k)!r}, now {a.get(k)!r}" for k in COMPARABLE_KEYS if a.get(k) != b.get(k)]
+
+
 def machine_note(results: dict[str, Any], baseline: dict[str, Any]) -> str | None:
     """A warning when the baseline was measured on another kind of machine."""
     a, b = results.get("machine", {}), baseline.get("machine", {})
@@ -246,6 +258,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(note)
     failed = [v.workload for v in verdicts if not v.ok and not v.inconclusive]
     unsure = [v.workload for v in verdicts if v.inconclusive]
+    differs = incomparable(results, baseline)
+    if failed and differs:
+        print(f"INCONCLUSIVE: {', '.join(failed)} below baseline, but this machine is not comparable with the "
+              f"baseline's ({'; '.join(differs)}); rewrite the baseline on this kind of machine "
+              "(make bench-baseline) to check it here")
+        return EXIT_INCONCLUSIVE
     if failed:
         print(f"FAILED: {', '.join(failed)} below baseline by more than the tolerance")
         return EXIT_REGRESSION

@@ -121,6 +121,8 @@ def ratios(results: dict) -> dict[str, Any]:
         out["lora_loss_curves"] = results.get("lora_loss_difference")
     if "llama_cpp_answer" in wl:
         out["answer_engine_vs_llama_cpp"] = _ratio(results, "answer", "llama_cpp_answer")
+    if "answer_hf_generate" in wl:
+        out["answer_engine_vs_hf_generate"] = _ratio(results, "answer", "answer_hf_generate")
     return out
 
 
@@ -227,6 +229,7 @@ def _ratio_lines(r: dict) -> list[str]:
         "logprob_vs_generate_curation": "curation: logprob vs generate (pairs/s)",
         "lora_bf16_vs_fp32": "LoRA step: bf16 autocast vs fp32 (tok/s)",
         "answer_engine_vs_llama_cpp": "answer: engine vs llama.cpp",
+        "answer_engine_vs_hf_generate": "answer: engine vs transformers generate",
     }
     for key, label in labels.items():
         if key in r:

@@ -16,8 +16,8 @@ import torch
 
 from benchmarks.workloads import (
     LoraTrainer, Round, answer_chats, augment_chats, curate_config, curate_round, curation_pairs,
-    demo_finetune_section, derived_engine, engine_dtype, engine_generate_round, naive_generate_round,
-    training_chats,
+    demo_finetune_section, derived_engine, engine_dtype, engine_generate_round, hf_generate_round,
+    naive_generate_round, training_chats,
 )
 from pipeline.engine import SamplingParams, bf16_supported
 
@@ -33,8 +33,7 @@ def _answer_params(profile) -> SamplingParams:
 
 def _describe(engine, what: str) -> str:
     weights = str(next(engine.model.parameters()).dtype).replace("torch.", "")
-    mode = f"{weights} weights" + (", bf16 autocast" if engine.autocast_bf16 else ", no autocast")
-    return f"TransformersEngine, batch {engine.batch_size}, {mode}; {what}"
+    return f"TransformersEngine, batch {engine.batch_size}, {weights} weights; {what}"
 
 
 def _generation(run_timed, bench, profile, engine, name, chats, params, what, n_rounds=None, warmup=1):
@@ -80,24 +79,25 @@ def test_naive_answer(run_timed, bench, profile, engine):
     _naive(run_timed, bench, profile, engine, "naive_answer", chats, _answer_params(profile), what)
 
 
-@pytest.mark.parametrize("variant", ["fp32_weights", "bf16_weights"])
+@pytest.mark.parametrize("variant", ["fp32_weights", "hf_generate"])
 def test_answer_variant(run_timed, bench, profile, engine, variant):
-    """Other engine configurations on the answer workload, for reference (full profile only):
-    batched fp32 (separates batching from bf16), and weights cast to bf16 instead of autocast."""
+    """Reference paths on the answer workload (full profile only): the engine with fp32 weights
+    (separates batching from bf16), and the engine's batches decoded by transformers' own
+    ``generate`` (what the engine's decoding loop replaced)."""
     if not profile.variants:
         pytest.skip("variants run in the full profile only")
-    if variant == "fp32_weights":
-        eng = derived_engine(engine, autocast_bf16=False)
-    else:
-        if not bf16_supported():
-            pytest.skip("no bf16 on this CPU")
-        eng = derived_engine(engine, model=copy.deepcopy(engine.model).to(torch.bfloat16), autocast_bf16=False)
     chats = answer_chats(profile)
+    params = _answer_params(profile)
     what = f"{len(chats)} seed instructions, {profile.answer_new_tokens} new tokens forced, greedy"
-    # Reference numbers only: a short warm-up call and two rounds keep the full run near 10 minutes.
-    engine_generate_round(eng, chats[:2], SamplingParams(max_new_tokens=8))
-    _generation(run_timed, bench, profile, eng, f"answer_{variant}", chats, _answer_params(profile), what,
-                n_rounds=min(2, profile.rounds), warmup=0)
+    # Reference numbers only: a short warm-up call and fewer rounds keep the full run near 12 minutes.
+    if variant == "fp32_weights":
+        eng = derived_engine(engine, model=copy.deepcopy(engine.model).to(torch.float32))
+        engine_generate_round(eng, chats[:2], SamplingParams(max_new_tokens=8))
+        _generation(run_timed, bench, profile, eng, "answer_fp32_weights", chats, params, what, n_rounds=1, warmup=0)
+        return
+    rounds = run_timed(lambda: hf_generate_round(engine, chats, params), min(2, profile.rounds), 0)
+    bench.add("answer_hf_generate", path=f"transformers model.generate on the engine's batches ({_describe(engine, what)})",
+              counts="new_tokens", dtype=engine_dtype(engine), rounds=rounds)
 
 
 @pytest.mark.parametrize("mode", ["generate", "logprob"])
@@ -137,7 +137,11 @@ def test_lora_step(run_timed, bench, profile, model_path, dtype):
 
 
 def test_llama_cpp(run_timed, bench, profile, engine):
-    """llama.cpp on the packaged GGUF file, when llama-cpp-python is installed (never built here)."""
+    """llama.cpp on the packaged GGUF file (its own Q4_1 weights), through llama-cpp-python when it
+    is installed (``make bench`` tries to build it): one sequence at a time, which is what its
+    Python API offers."""
+    if profile.name == "quick":
+        pytest.skip("llama.cpp is a reference for the full profile, not part of the regression check")
     try:
         import llama_cpp
     except ImportError as exc:
@@ -147,7 +151,7 @@ def test_llama_cpp(run_timed, bench, profile, engine):
 
     gguf = locate_package_file(bench.model["spec"])
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=2048, n_threads=torch.get_num_threads(), verbose=False)
-    chats = answer_chats(profile)
+    chats = answer_chats(profile)[: profile.llama_cpp_prompts]
     n = profile.answer_new_tokens
 
     def one_round():
@@ -160,5 +164,6 @@ def test_llama_cpp(run_timed, bench, profile, engine):
         return Round(time.perf_counter() - start, len(chats), prompt, new)
 
     rounds = run_timed(one_round, profile.rounds)
-    bench.add("llama_cpp_answer", path=f"llama-cpp-python {llama_cpp.__version__}, {gguf.name}, one prompt at a time",
+    bench.add("llama_cpp_answer", path=(f"llama-cpp-python {llama_cpp.__version__}, {gguf.name} (Q4_1), one prompt "
+                                        f"at a time, first {len(chats)} answer prompts, {n} new tokens forced"),
               counts="new_tokens", dtype="bf16", rounds=rounds)

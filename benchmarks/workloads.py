@@ -29,9 +29,10 @@ SEED_TAG = FinetuneSection().seed_tag
 
 @dataclass(frozen=True)
 class Profile:
-    """Sizes of every workload. ``full`` follows configs/demo.yaml's shapes (batch sizes, new-token
-    budgets, LoRA settings); ``quick`` shrinks them so ``make bench-check`` takes 2-3 minutes; ``smoke`` only exercises
-    the plumbing."""
+    """Sizes of every workload. ``full`` generates for 64 prompts at batch 64 (augmentation and
+    AlpacaEval see hundreds to thousands of prompts; configs/demo.yaml's batch sizes), with the
+    demo's new-token budgets and LoRA settings; ``quick`` shrinks them so ``make bench-check``
+    takes 2-3 minutes; ``smoke`` only exercises the plumbing."""
 
     name: str
     rounds: int
@@ -45,6 +46,9 @@ class Profile:
     naive_prompts: int
     """The naive loop runs on the first N prompts of the same set: one prompt at a time in fp32
     is slow, and its tokens/s hardly depends on how many prompts it sees."""
+    llama_cpp_prompts: int
+    """llama.cpp (one sequence at a time through llama-cpp-python) answers the first N answer
+    prompts: like the naive loop, its tokens/s hardly depends on how many."""
     curate_pairs: int
     curate_new_tokens: int
     train_examples: int
@@ -52,14 +56,15 @@ class Profile:
     train_max_len: int
     train_rounds: int
     variants: bool
-    """Also time other engine configurations (bf16 weights, a larger batch) for reference."""
+    """Also time reference paths on the answer workload: the engine in fp32, and transformers'
+    ``generate`` on the engine's batches."""
 
 
 PROFILES = {
     "full": Profile(
         name="full", rounds=3, peak_repeats=10,
-        augment_prompts=32, augment_new_tokens=64,
-        answer_prompts=16, answer_new_tokens=256, batch_size=16, naive_prompts=1,
+        augment_prompts=64, augment_new_tokens=64,
+        answer_prompts=64, answer_new_tokens=256, batch_size=64, naive_prompts=1, llama_cpp_prompts=4,
         curate_pairs=16, curate_new_tokens=96,
         train_examples=16, train_batch=8, train_max_len=512, train_rounds=3,
         variants=True,
@@ -67,7 +72,7 @@ PROFILES = {
     "quick": Profile(
         name="quick", rounds=3, peak_repeats=10,
         augment_prompts=8, augment_new_tokens=32,
-        answer_prompts=8, answer_new_tokens=64, batch_size=8, naive_prompts=1,
+        answer_prompts=8, answer_new_tokens=64, batch_size=8, naive_prompts=1, llama_cpp_prompts=2,
         curate_pairs=6, curate_new_tokens=32,
         train_examples=8, train_batch=4, train_max_len=192, train_rounds=3,
         variants=False,
@@ -76,7 +81,7 @@ PROFILES = {
     "smoke": Profile(
         name="smoke", rounds=1, peak_repeats=2,
         augment_prompts=2, augment_new_tokens=4,
-        answer_prompts=2, answer_new_tokens=4, batch_size=2, naive_prompts=1,
+        answer_prompts=2, answer_new_tokens=4, batch_size=2, naive_prompts=1, llama_cpp_prompts=1,
         curate_pairs=2, curate_new_tokens=4,
         train_examples=2, train_batch=2, train_max_len=64, train_rounds=1,
         variants=True,
@@ -135,8 +140,10 @@ def augment_chats(profile: Profile) -> list[Chat]:
 
 
 def answer_chats(profile: Profile) -> list[Chat]:
-    """Seed instructions with the seed tag as system prompt, as when the model answers."""
-    return [forward_messages(p["instruction"], SEED_TAG) for p in seed_pairs()[: profile.answer_prompts]]
+    """Seed instructions with the seed tag as system prompt, as when the model answers (the 48
+    seed instructions, then again from the first, for more than 48 prompts)."""
+    seeds = seed_pairs()
+    return [forward_messages(seeds[i % len(seeds)]["instruction"], SEED_TAG) for i in range(profile.answer_prompts)]
 
 
 def curation_pairs(profile: Profile) -> list[dict[str, str]]:
@@ -201,6 +208,26 @@ def engine_generate_round(engine: TransformersEngine, chats: Sequence[Chat], par
     seconds = time.perf_counter() - start
     prompt, new = _stats_delta(engine, before)
     return Round(seconds, len(chats), prompt, new, {"finished": sum(c.finished for c in completions)})
+
+
+@torch.inference_mode()
+def hf_generate_round(engine: TransformersEngine, chats: Sequence[Chat], params: SamplingParams) -> Round:
+    """Reference: the engine's batches (same model, dtype, batching and padding) decoded by
+    transformers' ``model.generate`` instead of the engine's own loop, new tokens forced."""
+    torch.manual_seed(params.seed)
+    ids = engine._encode([engine.render(c) for c in chats])
+    prompt_tokens = new_tokens = 0
+    start = time.perf_counter()
+    for batch in engine._batches(ids, params.max_new_tokens):
+        input_ids, mask = engine._pad_left([ids[i] for i in batch])
+        out = engine.model.generate(
+            input_ids=input_ids, attention_mask=mask, max_new_tokens=params.max_new_tokens,
+            min_new_tokens=params.max_new_tokens, pad_token_id=engine.tokenizer.pad_token_id,
+            **_hf_sampling_kwargs(params),
+        )
+        prompt_tokens += int(mask.sum())
+        new_tokens += (out.shape[1] - input_ids.shape[1]) * len(batch)
+    return Round(time.perf_counter() - start, len(chats), prompt_tokens, new_tokens)
 
 
 def _hf_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:

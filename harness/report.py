@@ -375,8 +375,20 @@ def _header_lines(view: RunView) -> list[tuple[str, str]]:
         ("select.k", (cfg.get("select") or {}).get("k")),
         ("iterations", (cfg.get("iterate") or {}).get("iterations")),
         ("git commit", env.get("git_commit")),
+        ("peak memory", peak_memory(view.root)),
     ]
     return [(k, str(v)) for k, v in items if v is not None]
+
+
+def peak_memory(root: Path) -> str | None:
+    """The highest resident-memory peak any stage recorded, and which stage: ``"1.23 GiB (iter_01/curate)"``."""
+    best: tuple[float, str] | None = None
+    for path in root.glob("**/manifest.json"):
+        manifest = _json(path) or {}
+        peak = manifest.get("peak_rss_mib")
+        if _is_number(peak) and (best is None or peak > best[0]):
+            best = (peak, str(path.parent.relative_to(root)))
+    return None if best is None else f"{best[0] / 1024:.2f} GiB ({best[1]})"
 
 
 def _md_table(table: Table) -> list[str]:

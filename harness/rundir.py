@@ -114,6 +114,36 @@ class StageContext:
 StageFn = Callable[[StageContext], dict[str, Any]]
 
 
+def reset_peak_rss() -> str:
+    """Start a new peak-memory window for this process; returns what the next
+    :func:`peak_rss_mib` will cover: ``"stage"`` (Linux resets the high-water mark through
+    ``/proc/self/clear_refs``) or ``"process"`` (elsewhere: the peak since the process started)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        return "stage"
+    except OSError:
+        return "process"
+
+
+def peak_rss_mib() -> float | None:
+    """Peak resident memory of this process (MiB) since the last :func:`reset_peak_rss`."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    try:
+        import resource
+
+        scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / scale / 1024, 1)
+    except (ImportError, OSError):
+        return None
+
+
 class RunDir:
     """One run's directory; ``stage`` runs or skips a stage by its cache key."""
 
@@ -173,9 +203,11 @@ class RunDir:
 
         log.info("stage %s: running (key %s)", name, key)
         started = time.time()
+        peak_scope = reset_peak_rss()
         ctx = StageContext(name=name, work=work, settings=settings, inputs=inputs, key=key)
         stats = fn(ctx)
         finished = time.time()
+        peak = peak_rss_mib()
 
         shutil.rmtree(work / SCRATCH, ignore_errors=True)
         files = tree_digests(work)
@@ -191,6 +223,8 @@ class RunDir:
             "stats": stats,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
             "seconds": round(finished - started, 3),
+            "peak_rss_mib": peak,
+            "peak_rss_scope": peak_scope,
             "packages": package_versions(),
         }
         write_json_atomic(work / MANIFEST, manifest)

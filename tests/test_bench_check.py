@@ -184,6 +184,15 @@ def test_cli_exit_status(tmp_path):
     assert slow.returncode == check.EXIT_REGRESSION
     assert "REGRESSION" in slow.stdout and "4.000" in slow.stdout and "2.000" in slow.stdout
 
+    # The same halving on a machine without native bf16 (another code path): not comparable.
+    other = results_from({"answer": steady(200), "augment": steady(800)})
+    other["machine"] = {"cpu": "test", "bf16_supported": False}
+    other_file = tmp_path / "other-machine.json"
+    other_file.write_text(json.dumps(other))
+    unsure = _cli("--results", str(other_file), "--baseline", str(baseline))
+    assert unsure.returncode == check.EXIT_INCONCLUSIVE, unsure.stdout
+    assert "not comparable" in unsure.stdout and "bf16_supported" in unsure.stdout
+
     missing = _cli("--results", str(tmp_path / "nope.json"), "--baseline", str(baseline))
     assert missing.returncode == check.EXIT_USAGE and "not found" in missing.stderr
 

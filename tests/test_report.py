@@ -43,7 +43,8 @@ def make_run(root: Path, *, untrusted_last: bool = True) -> Path:
     _write(run / "base" / "eval" / "summary.json", _eval(0.30))
     for t in range(3):
         it = run / f"iter_{t:02d}"
-        _write(it / "finetune" / "manifest.json", {"stats": {"train_pairs": 3 + 2 * t, "final_loss": 2.0 - 0.25 * t}})
+        _write(it / "finetune" / "manifest.json", {"stats": {"train_pairs": 3 + 2 * t, "final_loss": 2.0 - 0.25 * t},
+                                                   "peak_rss_mib": 1000.0 + 100 * t})
         _write(it / "eval" / "summary.json", _eval(0.40 + 0.1 * t, trusted=not (untrusted_last and t == 2)))
         if t == 0:
             continue
@@ -82,6 +83,7 @@ def test_full_report(tmp_path):
     assert "† untrusted" in md and "- iter_02: alpaca_eval/win_rate: refused: evaluator untrusted" in md
     assert "| alpaca_eval/lc_win_rate | 0.200 ± 0.070 |" in md
     assert report.LC_GLM_NOTES["length_controlled_minimal"] in md
+    assert "- peak memory: `1.17 GiB (iter_02/finetune)`" in md
 
     names = {p.name for p in out["plots"]}
     assert names == {"win_rate.png", "score_histograms.png", "keep_rate.png", "lengths.png"}

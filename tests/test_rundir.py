@@ -95,3 +95,26 @@ def test_finished_partial_is_committed_without_rerun(tmp_path):
     (tmp_path / "a").rename(tmp_path / "a.partial")
     run.stage("a", _writer(calls), version="v1", settings={})
     assert calls == ["a"] and (tmp_path / "a" / DONE).exists()
+
+
+def test_manifest_records_the_stage_peak_memory(tmp_path):
+    import numpy as np
+
+    run = RunDir(tmp_path)
+
+    def big(ctx):
+        # 100 MiB, touched: above glibc's largest mmap threshold (32 MiB), so it is fresh memory
+        # even in a process whose heap already holds freed pages
+        block = np.ones(100 * 2**20 // 8)
+        (ctx.work / "out.txt").write_text(str(block.sum()))
+        return {}
+
+    def small(ctx):
+        (ctx.work / "out.txt").write_text("x")
+        return {}
+
+    a = run.stage("big", big, version="v1", settings={})
+    b = run.stage("small", small, version="v1", settings={})
+    assert a.manifest["peak_rss_mib"] > 0 and b.manifest["peak_rss_mib"] > 0
+    if a.manifest["peak_rss_scope"] == "stage":  # Linux: each stage its own window
+        assert a.manifest["peak_rss_mib"] - b.manifest["peak_rss_mib"] > 80
