@@ -194,7 +194,9 @@ def engine_dtype(engine: TransformersEngine) -> str:
 
 
 def _stats_delta(engine: TransformersEngine, before: dict[str, float]) -> tuple[int, int]:
-    return (int(engine.stats["prompt_tokens"] - before["prompt_tokens"]),
+    """(prompt tokens computed, new tokens): a shared prefix computed once per batch counts once."""
+    reused = engine.stats.get("prefix_tokens_reused", 0) - before.get("prefix_tokens_reused", 0)
+    return (int(engine.stats["prompt_tokens"] - before["prompt_tokens"] - reused),
             int(engine.stats["new_tokens"] - before["new_tokens"]))
 
 

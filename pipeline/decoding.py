@@ -76,17 +76,22 @@ class PreallocatedLayer(DynamicLayer):
         self.values = self.value_buffer[..., :end, :]
         return self.keys, self.values
 
-    def place(self, rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, width: int, batch: int) -> None:
-        """Write a prefill group's keys and values into ``rows`` of a ``batch``-row cache,
-        right-aligned at ``width``. The buffers start zeroed, so the padding that the mask hides
-        never holds NaNs (zero attention weight times NaN would still be NaN)."""
+    def place(self, rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, width: int, batch: int,
+              shared: int = 0) -> None:
+        """Write a prefill group's keys and values into ``rows`` of a ``batch``-row cache: the
+        first ``shared`` positions (a prefix common to every row) at the start, the rest
+        right-aligned at ``width``. The buffers start zeroed, so the padding between them, which
+        the mask hides, never holds NaNs (zero attention weight times NaN would still be NaN)."""
         if self.key_buffer is None:
             self.lazy_initialization(keys, values)
             capacity = width + self.extra
             self.key_buffer = keys.new_zeros((batch, keys.shape[1], capacity, keys.shape[-1]))
             self.value_buffer = values.new_zeros((batch, values.shape[1], capacity, values.shape[-1]))
-        self.key_buffer[rows, :, width - keys.shape[-2] : width, :] = keys
-        self.value_buffer[rows, :, width - values.shape[-2] : width, :] = values
+        tail = keys.shape[-2] - shared
+        for buffer, states in ((self.key_buffer, keys), (self.value_buffer, values)):
+            if shared:
+                buffer[rows, :, :shared, :] = states[:, :, :shared, :]
+            buffer[rows, :, width - tail : width, :] = states[:, :, shared:, :]
         self.length = width
         self.keys = self.key_buffer[..., :width, :]
         self.values = self.value_buffer[..., :width, :]
@@ -154,7 +159,8 @@ def length_groups(lengths: Sequence[int], max_rows: int = PREFILL_ROWS, slack: f
     return groups
 
 
-def prefill(model, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, extra: int):
+def prefill(model, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, extra: int,
+            shared: int = 0):
     """Run the prompts through the model, filling a cache with room for ``extra`` more tokens;
     returns the cache and each row's next-token logits.
 
@@ -163,27 +169,43 @@ def prefill(model, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch
     padding). So rows are prefilled in groups of similar length, each trimmed to its own longest
     prompt, and their keys and values are written right-aligned into one zeroed, preallocated
     cache whose left padding the attention mask hides, as if the batch had been run whole.
+
+    ``shared``: the first ``shared`` columns are one prefix common to every row (the layout is
+    prefix, padding, prompt rest; see ``TransformersEngine``). It is computed once, for one row,
+    and every group starts from its keys and values: the curation rubric, the judge's template
+    and the augmentation directive are such prefixes.
     """
     cache = new_cache(model, extra)
     width = input_ids.shape[1]
-    lengths = mask.sum(-1).tolist()
+    preallocated = all(isinstance(layer, PreallocatedLayer) for layer in cache.layers)
+    lengths = (mask[:, shared:].sum(-1)).tolist()
     groups = length_groups(lengths)
-    if len(groups) == 1 or not all(isinstance(layer, PreallocatedLayer) for layer in cache.layers):
+    if not preallocated or (len(groups) == 1 and not shared):
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
                     use_cache=True, logits_to_keep=1)
         return cache, out.logits[:, -1, :]
+    prefix = None
+    if shared:
+        prefix = DynamicCache(config=model.config)
+        model(input_ids=input_ids[:1, :shared], attention_mask=mask[:1, :shared], position_ids=positions[:1, :shared],
+              cache=prefix, use_cache=True, logits_to_keep=1)
     logits = None
     for group in groups:
         rows = torch.tensor(group, dtype=torch.long, device=input_ids.device)
         start = width - max(lengths[i] for i in group)
         part = DynamicCache(config=model.config)
-        out = model(input_ids=input_ids[rows, start:], attention_mask=mask[rows, start:],
-                    position_ids=positions[rows, start:], cache=part, use_cache=True, logits_to_keep=1)
+        group_mask = mask[rows, start:]
+        if prefix is not None:
+            for index, layer in enumerate(prefix.layers):
+                part.update(layer.keys.expand(len(group), -1, -1, -1), layer.values.expand(len(group), -1, -1, -1), index)
+            group_mask = torch.cat([mask[rows, :shared], group_mask], dim=-1)
+        out = model(input_ids=input_ids[rows, start:], attention_mask=group_mask, position_ids=positions[rows, start:],
+                    cache=part, use_cache=True, logits_to_keep=1)
         if logits is None:
             logits = out.logits.new_empty((input_ids.shape[0], out.logits.shape[-1]))
         logits[rows] = out.logits[:, -1, :]
         for layer, filled in zip(cache.layers, part.layers):
-            layer.place(rows, filled.keys, filled.values, width, input_ids.shape[0])
+            layer.place(rows, filled.keys, filled.values, width, input_ids.shape[0], shared)
     return cache, logits
 
 
@@ -200,12 +222,13 @@ def decode(
     pad_id: int,
     stopped: Callable[[list[int]], bool] | None = None,
     generator: torch.Generator | None = None,
+    shared: int = 0,
 ) -> list[list[int]]:
     """Decode a batch of left-padded prompts with a KV cache.
 
     Returns each row's new tokens, ending with the EOS token where one was drawn (or with the
     token after which ``stopped`` said yes), else ``max_new_tokens`` long. EOS cannot be drawn
-    before ``min_new_tokens`` tokens.
+    before ``min_new_tokens`` tokens. ``shared``: see :func:`prefill`.
     """
     n = input_ids.shape[0]
     eos = sorted(set(eos_ids))
@@ -215,7 +238,7 @@ def decode(
         return tokens
     mask = attention_mask
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    cache, logits = prefill(model, input_ids, mask, positions, max_new_tokens)
+    cache, logits = prefill(model, input_ids, mask, positions, max_new_tokens, shared)
     next_pos = positions[:, -1:] + 1
     rows = list(range(n))  # the original row of each batch row
     done = [False] * n

@@ -14,7 +14,7 @@ from typing import Protocol, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.decoding import decode
+from pipeline.decoding import decode, prefill
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,13 @@ class TransformersEngine:
     """Memory for one batch's KV cache: a batch holds fewer than ``batch_size`` sequences when
     its padded width (longest prompt plus the new-token budget) times its size would need more.
     None: no limit beyond ``batch_size``."""
-    stats: dict[str, float] = field(default_factory=lambda: {"prompt_tokens": 0, "new_tokens": 0})
+    min_shared_prefix: int = 32
+    """A batch whose prompts share at least this many leading tokens computes them once (the
+    curation rubric, the judge's template); 0 turns this off."""
+    stats: dict[str, float] = field(
+        default_factory=lambda: {"prompt_tokens": 0, "new_tokens": 0, "prefix_tokens_reused": 0})
+    """``prompt_tokens``: prompt tokens of every row; ``prefix_tokens_reused``: those of them not
+    computed because a shared prefix was computed once per batch instead."""
 
     def __post_init__(self) -> None:
         self.model.eval()
@@ -132,6 +138,18 @@ class TransformersEngine:
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=self.model.device)
         return input_ids, mask
 
+    def _layout(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """A batch as tensors: ``(input_ids, mask, shared)``. When the sequences share a prefix of
+        at least ``min_shared_prefix`` tokens, it comes first, once per row, and the rest of each
+        sequence is left-padded after it (prefix, padding, rest), so the prefix can be computed
+        once for the whole batch; otherwise plain left padding and ``shared`` = 0."""
+        shared = common_prefix_length(seqs) if self.min_shared_prefix > 0 else 0
+        if shared == 0 or shared < self.min_shared_prefix:
+            return (*self._pad_left(seqs), 0)
+        rest_ids, rest_mask = self._pad_left([s[shared:] for s in seqs])
+        head = torch.tensor(seqs[0][:shared], device=self.model.device).expand(len(seqs), -1)
+        return (torch.cat([head, rest_ids], dim=-1), torch.cat([torch.ones_like(head), rest_mask], dim=-1), shared)
+
     @torch.inference_mode()
     def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Completion]:
         ids = self._encode([self.render(c) for c in chats])
@@ -139,16 +157,22 @@ class TransformersEngine:
         generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
         stopped = self._stop_check(params.stop)
         for batch in self._batches(ids, params.max_new_tokens):
-            input_ids, mask = self._pad_left([ids[i] for i in batch])
+            input_ids, mask, shared = self._layout([ids[i] for i in batch])
             new = decode(
                 self.model, input_ids, mask, max_new_tokens=params.max_new_tokens,
                 min_new_tokens=params.min_new_tokens, temperature=params.temperature, top_p=params.top_p,
                 eos_ids=self._eos_ids(), pad_id=self.tokenizer.pad_token_id, stopped=stopped, generator=generator,
+                shared=shared,
             )
-            self.stats["prompt_tokens"] += int(mask.sum())
+            self._count(mask, shared)
             for row, i in enumerate(batch):
                 out[i] = self._completion(new[row], params)
         return [c for c in out if c is not None]
+
+    def _count(self, mask: torch.Tensor, shared: int) -> None:
+        self.stats["prompt_tokens"] += int(mask.sum())
+        if shared:
+            self.stats["prefix_tokens_reused"] += shared * (mask.shape[0] - 1)
 
     def _eos_ids(self) -> list[int]:
         ids = set(_as_list(self.model.generation_config.eos_token_id)) | {self.tokenizer.eos_token_id}
@@ -204,13 +228,27 @@ class TransformersEngine:
         heads = [h for _, h in split]
         out: list[list[float]] = [[] for _ in chats]
         for batch in self._batches(feeds):
-            input_ids, mask = self._pad_left([feeds[i] for i in batch])
-            logits = self.model(input_ids=input_ids, attention_mask=mask, logits_to_keep=1).logits[:, -1, :]
+            input_ids, mask, shared = self._layout([feeds[i] for i in batch])
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            _, logits = prefill(self.model, input_ids, mask, positions, 0, shared)
             probs = torch.softmax(logits.float(), dim=-1)
-            self.stats["prompt_tokens"] += int(mask.sum())
+            self._count(mask, shared)
             for row, i in enumerate(batch):
                 out[i] = [float(probs[row, t]) for t in heads[i]]
         return out
+
+
+def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Leading tokens every sequence shares, leaving each at least one token of its own (the
+    last token's logits are what a prefill is for)."""
+    if len(seqs) < 2:
+        return 0
+    limit = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in seqs):
+        n += 1
+    return n
 
 
 def _as_list(value) -> list[int]:

@@ -85,3 +85,22 @@ def test_batches_respect_the_kv_cache_budget(tiny_model):
     free = [c.text for c in eng.generate(CHATS, params)]
     eng.kv_cache_gib = 40 * per_token / 2**30
     assert [c.text for c in eng.generate(CHATS, params)] == free
+
+
+def test_shared_prefix_computed_once_gives_the_same_results(tiny_model):
+    """A long system prompt shared by every chat: computing it once per batch changes nothing."""
+    system = {"role": "system", "content": "Rate the answer below carefully on the five-point scale. " * 4}
+    chats = [[system, *c[-1:]] for c in CHATS]
+    plain = TransformersEngine(load_model(str(tiny_model)), load_tokenizer(str(tiny_model)), batch_size=4,
+                               min_shared_prefix=0)
+    shared = TransformersEngine(plain.model, plain.tokenizer, batch_size=4, min_shared_prefix=8)
+    ids = shared._encode([shared.render(c) for c in chats])
+    _, _, prefix = shared._layout(ids)
+    assert prefix >= 40  # the rendered system turn
+    params = SamplingParams(max_new_tokens=8)
+    assert [c.text for c in shared.generate(chats, params)] == [c.text for c in plain.generate(chats, params)]
+    assert shared.stats["prefix_tokens_reused"] == prefix * 3 and plain.stats["prefix_tokens_reused"] == 0
+    choices = [" 1", " 2", " 3"]
+    got, want = shared.choice_probs(chats, "Score:", choices), plain.choice_probs(chats, "Score:", choices)
+    for a, b in zip(got, want):
+        assert a == pytest.approx(b, abs=1e-5)
