@@ -455,23 +455,33 @@ def evaluate(
     shared_lm: SharedLM | None = None,
 ) -> dict[str, Any]:
     """Run ``lm_eval.simple_evaluate`` on the rendered tasks only (no built-ins indexed)."""
-    import lm_eval
     from lm_eval.tasks import TaskManager
 
     if shared_lm is not None:
         lm = shared_lm.get(spec, config["batch_size"], config["device"])
     else:
         lm = build_lm(spec, batch_size=config["batch_size"], device=config["device"])
+    results = seeded_evaluate(lm, [TASK_PREFIX + t for t in tasks],
+                              TaskManager(include_path=str(tasks_dir), include_defaults=False), samples, config,
+                              config["system_prompt"])
+    return dict(results)
+
+
+def seeded_evaluate(lm, tasks, task_manager, samples, config: dict[str, Any], system_prompt: str | None):
+    """``lm_eval.simple_evaluate`` with the settings every held-out run shares: per-sample logs,
+    chat template and few-shot turns as in ``config``, and every seed set to ``config["seed"]``."""
+    import lm_eval
+
     seed = config["seed"]
     results = lm_eval.simple_evaluate(
         model=lm,
-        tasks=[TASK_PREFIX + t for t in tasks],
-        task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
+        tasks=tasks,
+        task_manager=task_manager,
         samples=samples,
         log_samples=True,
         apply_chat_template=config["apply_chat_template"],
         fewshot_as_multiturn=config["fewshot_as_multiturn"],
-        system_instruction=config["system_prompt"],
+        system_instruction=system_prompt,
         bootstrap_iters=config["bootstrap_iters"],
         random_seed=seed,
         numpy_random_seed=seed,
@@ -480,4 +490,4 @@ def evaluate(
     )
     if results is None:  # only non-zero ranks of a distributed run get None
         raise RuntimeError("lm-eval returned no results")
-    return dict(results)
+    return results

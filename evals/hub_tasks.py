@@ -46,6 +46,7 @@ from evals.heldout import (
     SharedLM,
     metric_name,
     resolve_model,
+    seeded_evaluate,
     tokenizer_digest,
     weights_digest,
     write_raw_outputs,
@@ -366,8 +367,6 @@ def run_hub_tasks(
         :func:`evals.heldout.run_heldout` returns them; ``config["tasks"]`` identifies each task's
         documents by content.
     """
-    import lm_eval
-
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -393,24 +392,7 @@ def run_hub_tasks(
              "tokenizer": str(spec.tokenizer)}
     lm = (shared_lm or SharedLM(spec, batch_size=batch_size, device=device)).get(spec, batch_size, device)
     log.info("hub held-out evaluation of %s on %s (limit=%s, seed=%s)", spec.path, plan.names, plan.limit, plan.seed)
-    seed = plan.seed
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=plan.objects,
-        task_manager=plan.task_manager,
-        samples=plan.samples,
-        log_samples=True,
-        apply_chat_template=config["apply_chat_template"],
-        fewshot_as_multiturn=config["fewshot_as_multiturn"],
-        system_instruction=system_prompt,
-        bootstrap_iters=BOOTSTRAP_ITERS,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
-    if results is None:  # only non-zero ranks of a distributed run get None
-        raise RuntimeError("lm-eval returned no results")
+    results = seeded_evaluate(lm, plan.objects, plan.task_manager, plan.samples, config, system_prompt)
     results = dict(results)
     written = write_raw_outputs(results, out_dir, {"config": config, "paths": paths, "sample_indices": plan.samples})
     summary = {

@@ -135,8 +135,11 @@ class TargetLossTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs or not supports_target_only_loss(model):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        return target_only_loss(model, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"],
-                                num_items_in_batch)
+        # Mixed precision is applied by accelerate around the model's own forward; the decoder and
+        # output projection called directly need its autocast context explicitly.
+        with self.accelerator.autocast():
+            return target_only_loss(model, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"],
+                                    num_items_in_batch)
 
 
 def use_bf16(setting: str) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 
 import pytest
 
@@ -21,17 +20,7 @@ from pipeline.engine import TransformersEngine  # noqa: E402
 from pipeline.models import load_model, load_tokenizer  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _no_network(monkeypatch):
-    """Any attempt to open a network connection fails the test (local sockets still work)."""
-    real_connect = socket.socket.connect
-
-    def guarded(self, address):
-        if self.family in (socket.AF_INET, socket.AF_INET6):
-            raise AssertionError(f"network access attempted: {address}")
-        return real_connect(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded)
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 def words(n: int, start: int = 0) -> str:

@@ -43,8 +43,9 @@ def test_long_target_is_truncated_and_counted(tiny_model):
 
 
 def _train(tiny_model, tmp_path, **overrides):
-    cfg = TrainSection(max_steps=4, batch_size=4, learning_rate=5e-3, logging_steps=1, bf16="off",
-                       lora_target_modules=["q_proj", "v_proj"], **overrides)
+    settings = dict(max_steps=4, batch_size=4, learning_rate=5e-3, logging_steps=1, bf16="off",
+                    lora_target_modules=["q_proj", "v_proj"])
+    cfg = TrainSection(**{**settings, **overrides})
     stats = finetune(str(tiny_model), CHATS, cfg, tmp_path / "model", tmp_path / "scratch", seed=0)
     return cfg, stats
 
@@ -127,3 +128,19 @@ def test_target_only_loss_equals_transformers_loss(tiny_model, lora):
     # Under gradient accumulation: sum over this batch's targets / all targets of the step.
     scaled = target_only_loss(model, ids, mask, labels, num_items_in_batch=100)
     assert float(scaled) == pytest.approx(float(want) * int((labels[:, 1:] != IGNORE).sum()) / 100, rel=1e-5)
+
+
+@pytest.mark.skipif(not __import__("pipeline.engine", fromlist=["x"]).bf16_supported(), reason="no native bf16")
+def test_trainer_with_target_only_loss_matches_transformers_loss_under_bf16(tiny_model, tmp_path, monkeypatch):
+    """The Trainer's loss, bf16 mixed precision included: the same losses as transformers' own
+    (a loss computed outside accelerate's autocast would differ at the 1e-4 level)."""
+    import transformers
+
+    from pipeline import finetune as ft
+
+    _, ours = _train(tiny_model, tmp_path / "ours", bf16="on")
+    monkeypatch.setattr(ft, "TargetLossTrainer", transformers.Trainer)
+    _, theirs = _train(tiny_model, tmp_path / "theirs", bf16="on")
+    assert ours["bf16"] and theirs["bf16"]
+    assert ours["first_loss"] == pytest.approx(theirs["first_loss"], rel=2e-5)
+    assert ours["final_loss"] == pytest.approx(theirs["final_loss"], rel=2e-5)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import socket
 from pathlib import Path
 
 import pytest
@@ -25,16 +24,7 @@ PAPER_TASKS = ["arc_easy", "arc_challenge", "piqa", "social_iqa", "openbookqa", 
 SIZES = {"toy_a": 7, "toy_b": 5}
 
 
-@pytest.fixture(autouse=True)
-def _no_network(monkeypatch):
-    real_connect = socket.socket.connect
-
-    def guarded(self, address):
-        if self.family in (socket.AF_INET, socket.AF_INET6):
-            raise AssertionError(f"network access attempted: {address}")
-        return real_connect(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded)
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 def toy_rows(name: str) -> list[dict]:

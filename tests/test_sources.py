@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import socket
 import shutil
 from pathlib import Path
 
@@ -24,16 +23,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 N_RECORDS = 12
 
 
-@pytest.fixture(autouse=True)
-def _no_network(monkeypatch):
-    real_connect = socket.socket.connect
-
-    def guarded(self, address):
-        if self.family in (socket.AF_INET, socket.AF_INET6):
-            raise AssertionError(f"network access attempted: {address}")
-        return real_connect(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded)
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 @pytest.fixture(autouse=True)
