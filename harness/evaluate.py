@@ -22,7 +22,7 @@ import torch
 
 from harness import stages
 from harness.config import RunConfig, settings_digest
-from harness.rundir import RunDir, StageContext, StageResult, write_json_atomic
+from harness.rundir import RunDir, StageContext, StageResult, release_memory, write_json_atomic
 from pipeline.io import write_jsonl
 from pipeline.models import resolve_base
 
@@ -42,6 +42,8 @@ def eval_settings(cfg: RunConfig) -> dict[str, Any]:
     keep = ("data_dir", "seed", "batch_size", "max_new_tokens", "alpaca_subset", "alpaca_reference", "judge",
             "heldout_tasks", "heldout_limit", "alpaca_lc_data_dir", "alpaca_lc_download", "alpaca_lc_glm")
     out = {**{k: ev[k] for k in keep}, "judge_model": judge_model_spec(cfg), "system": stages.system_prompt(cfg)}
+    if ev["heldout_batch_size"] is not None:  # absent when unset: earlier runs keep their cache keys
+        out["heldout_batch_size"] = ev["heldout_batch_size"]
     return {**out, **_alpaca_source_settings(cfg), **_hub_task_settings(cfg)}
 
 
@@ -112,6 +114,7 @@ def evaluate_model(run: RunDir, cfg: RunConfig, prefix: str, model: StageResult,
         path = stages.model_path(ctx.inputs["model"])
         check = ctx.inputs["judge_check"].stats
         metrics = _alpaca_metrics(cfg, prefix, path, ctx.work / "alpaca", run.root / "cache", check, settings)
+        release_memory()  # the answering model and the judge are gone: return their pages first
         metrics.update(_heldout_metrics(cfg, path, ctx.work, settings))
         summary = {"model": ctx.inputs["model"].name, "metrics": metrics, "judge_check": check,
                    "seconds": round(time.time() - started, 1)}
@@ -177,12 +180,13 @@ def _heldout_metrics(cfg, model_path: str, work: Path, settings: dict) -> dict:
         if clash:
             raise hub_tasks.HubTaskError(f"eval.heldout_hub_tasks would report metrics under {clash}, which the local "
                                          f"evaluations already use; drop them from one of the lists")
-    shared = heldout.SharedLM(heldout.resolve_model(model_path), batch_size=ev.batch_size, device=device)
+    batch_size = ev.heldout_batch_size or ev.batch_size
+    shared = heldout.SharedLM(heldout.resolve_model(model_path), batch_size=batch_size, device=device)
     digest = settings_digest(settings)
     metrics: dict[str, Any] = {}
     if ev.heldout_tasks:
         result = heldout.run_heldout(model_path, work / "heldout", data_dir=ev.data_dir, tasks=ev.heldout_tasks,
-                                     limit=ev.heldout_limit, seed=ev.seed, batch_size=ev.batch_size,
+                                     limit=ev.heldout_limit, seed=ev.seed, batch_size=batch_size,
                                      system_prompt=stages.system_prompt(cfg), max_gen_toks=ev.max_new_tokens,
                                      device=device, shared_lm=shared)
         metrics.update({
@@ -192,7 +196,7 @@ def _heldout_metrics(cfg, model_path: str, work: Path, settings: dict) -> dict:
             for name, m in result["metrics"].items()
         })
     if plan is not None:
-        result = hub_tasks.run_hub_tasks(model_path, work / "heldout_hub", plan, batch_size=ev.batch_size,
+        result = hub_tasks.run_hub_tasks(model_path, work / "heldout_hub", plan, batch_size=batch_size,
                                          system_prompt=stages.system_prompt(cfg), device=device, shared_lm=shared)
         metrics.update({
             name: _metric(m["value"], m.get("stderr"), m.get("n"),

@@ -97,13 +97,19 @@ def test_chat_must_end_with_assistant(tiny_model, bad):
         encode_example(bad, load_tokenizer(str(tiny_model)), 64)
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("lora", [False, True])
-def test_target_only_loss_equals_transformers_loss(tiny_model, lora):
-    """Same value and same gradients as the model's own loss over every position."""
+def test_target_only_loss_equals_transformers_loss(tiny_model, lora, chunked, monkeypatch):
+    """Same value and same gradients as the model's own loss over every position (output
+    weights included, when they train), in one chunk or in chunks of 2 target rows."""
     from peft import LoraConfig, get_peft_model
+
+    from pipeline import finetune as ft
 
     torch.manual_seed(0)
     model = load_model(str(tiny_model))
+    if chunked:
+        monkeypatch.setattr(ft, "OUTPUT_CHUNK_ELEMENTS", 2 * model.config.vocab_size)
     if lora:
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"]))
         # peft starts B at zero; move it so the adapter takes part in the loss

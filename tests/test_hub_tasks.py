@@ -244,13 +244,13 @@ def test_harness_runs_local_and_hub_tasks_on_one_loaded_model(tiny_model, toy_ma
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda *a, **k: real_manager(*a, **k) if a or k else toy_manager)
     built = []
     real_build = heldout.build_lm
-    monkeypatch.setattr(heldout, "build_lm", lambda *a, **k: built.append(1) or real_build(*a, **k))
+    monkeypatch.setattr(heldout, "build_lm", lambda *a, **k: built.append(k["batch_size"]) or real_build(*a, **k))
     cfg = load_config(None, [f"eval.data_dir={shared_data}", "eval.heldout_tasks=[truthfulqa_mc1]",
                              "eval.heldout_hub_tasks=[toy]", "eval.heldout_limit=2", "eval.batch_size=4",
-                             "engine.device=cpu"])
+                             "eval.heldout_batch_size=2", "engine.device=cpu"])
     settings = evaluate.eval_settings(cfg)
     metrics = evaluate._heldout_metrics(cfg, str(tiny_model), tmp_path, settings)
-    assert len(built) == 1  # one model load for both
+    assert built == [2]  # one model load for both, at the held-out batch size
     assert set(metrics) == {"truthfulqa_mc1/acc", "toy/acc"}
     local, hub = metrics["truthfulqa_mc1/acc"], metrics["toy/acc"]
     assert set(local["provenance"]) == {"eval_config", "task_version"}  # as before hub tasks existed

@@ -1,4 +1,6 @@
 import json
+import platform
+import sys
 
 import pytest
 
@@ -118,3 +120,30 @@ def test_manifest_records_the_stage_peak_memory(tmp_path):
     assert a.manifest["peak_rss_mib"] > 0 and b.manifest["peak_rss_mib"] > 0
     if a.manifest["peak_rss_scope"] == "stage":  # Linux: each stage its own window
         assert a.manifest["peak_rss_mib"] - b.manifest["peak_rss_mib"] > 80
+
+
+_PINNED: list = []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="heap trimming is glibc's")
+def test_memory_a_stage_freed_is_returned_before_the_next_stage(tmp_path):
+    """Freed heap pages below glibc's mmap threshold stay resident unless trimmed: the stage
+    manifest's memory after the stage must be back near where the stage started."""
+    run = RunDir(tmp_path)
+
+    def churn(ctx):
+        big = b"x" * (30 * 2**20)  # freeing it raises glibc's mmap threshold to 30 MiB
+        del big
+        blocks = [b"x" * 2**20 for _ in range(200)]  # 200 MiB of 1 MiB blocks, now on the heap
+        _PINNED.append(b"y" * 2**20)  # allocated after them, kept: the heap cannot shrink from its top
+        del blocks
+        (ctx.work / "out.txt").write_text("x")
+        return {}
+
+    try:
+        m = run.stage("churn", churn, version="v1", settings={}).manifest
+    finally:
+        _PINNED.clear()
+    assert m["peak_rss_mib"] - m["rss_start_mib"] > 150  # the blocks were resident during the stage
+    assert m["rss_end_mib"] - m["rss_start_mib"] < 50, m

@@ -290,3 +290,10 @@ def test_eval_settings_change_only_when_the_hub_is_used(tmp_path, shared_data):
                                              "eval.heldout_hub_tasks=[mmlu]", "eval.heldout_hub_num_fewshot={mmlu: 5}"))
     assert remote["alpaca_source"] == "hub" and remote["alpaca_hub_revision"] == "abc"
     assert remote["heldout_hub_tasks"] == ["mmlu"] and remote["heldout_hub_num_fewshot"] == {"mmlu": 5}
+
+
+def test_heldout_batch_size_enters_the_eval_settings_only_when_set(shared_data):
+    unset = evaluate.eval_settings(load_config(None, [f"eval.data_dir={shared_data}"]))
+    assert "heldout_batch_size" not in unset  # earlier runs keep their cache keys
+    assert evaluate.eval_settings(load_config(None, [f"eval.data_dir={shared_data}",
+                                                     "eval.heldout_batch_size=4"]))["heldout_batch_size"] == 4
