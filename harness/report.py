@@ -391,6 +391,26 @@ def peak_memory(root: Path) -> str | None:
     return None if best is None else f"{best[0] / 1024:.2f} GiB ({best[1]})"
 
 
+def stage_table(root: Path) -> Table:
+    """Every finished stage in the order it ran (its manifest's ``started``, to the second, then
+    when the manifest was written): seconds, and its memory peak, at start and after, in GiB;
+    "–" where a manifest predates a field."""
+    found = []
+    for path in root.glob("**/manifest.json"):
+        manifest = _json(path) or {}
+        if "stage" in manifest or "seconds" in manifest:
+            order = (str(manifest.get("started") or ""), path.stat().st_mtime)
+            found.append((order, str(path.parent.relative_to(root)), manifest))
+
+    def gib(value: Any) -> str:
+        return f"{value / 1024:.2f}" if _is_number(value) else "–"
+
+    rows = [[name, f"{m['seconds']:.1f}" if _is_number(m.get("seconds")) else "–",
+             gib(m.get("peak_rss_mib")), gib(m.get("rss_start_mib")), gib(m.get("rss_end_mib"))]
+            for _, name, m in sorted(found, key=lambda f: (f[0], f[1]))]
+    return ["stage", "seconds", "peak GiB", "at start GiB", "after GiB"], rows
+
+
 def _md_table(table: Table) -> list[str]:
     header, rows = table
 
@@ -412,6 +432,9 @@ def render_markdown(view: RunView, plots: list[Path]) -> str:
     lines += ["", "## Curation, selected data and training", ""] + _md_table(data_table(view))
     failures = gate_failures(view)
     lines += ["", "## Gates", ""] + ([f"- {f}" for f in failures] or ["No gate failed."])
+    stages = stage_table(view.root)
+    if stages[1]:
+        lines += ["", "## Stages (time and resident memory)", ""] + _md_table(stages)
     lines += ["", "## Plots", ""]
     lines += [f"![{p.stem}](plots/{p.name})" for p in plots] or ["No plots yet (nothing to draw)."]
     return "\n".join(lines) + "\n"
@@ -443,6 +466,9 @@ def render_html(view: RunView, plots: list[Path]) -> str:
     failures = gate_failures(view)
     parts.append("<h2>Gates</h2><ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in failures) + "</ul>"
                  if failures else "<h2>Gates</h2><p>No gate failed.</p>")
+    stages = stage_table(view.root)
+    if stages[1]:
+        parts.append("<h2>Stages (time and resident memory)</h2>" + _html_table(stages))
     parts.append("<h2>Plots</h2>")
     for p in plots:
         data = base64.b64encode(p.read_bytes()).decode("ascii")

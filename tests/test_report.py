@@ -44,7 +44,10 @@ def make_run(root: Path, *, untrusted_last: bool = True) -> Path:
     for t in range(3):
         it = run / f"iter_{t:02d}"
         _write(it / "finetune" / "manifest.json", {"stats": {"train_pairs": 3 + 2 * t, "final_loss": 2.0 - 0.25 * t},
-                                                   "peak_rss_mib": 1000.0 + 100 * t})
+                                                   "stage": f"iter_{t:02d}/finetune", "seconds": 10.0 + t,
+                                                   "started": f"2026-01-0{3 - t}T00:00:00",  # last ran first
+                                                   "peak_rss_mib": 1000.0 + 100 * t, "rss_start_mib": 512.0,
+                                                   **({"rss_end_mib": 768.0} if t else {})})
         _write(it / "eval" / "summary.json", _eval(0.40 + 0.1 * t, trusted=not (untrusted_last and t == 2)))
         if t == 0:
             continue
@@ -84,6 +87,10 @@ def test_full_report(tmp_path):
     assert "| alpaca_eval/lc_win_rate | 0.200 ± 0.070 |" in md
     assert report.LC_GLM_NOTES["length_controlled_minimal"] in md
     assert "- peak memory: `1.17 GiB (iter_02/finetune)`" in md
+    stages = md[md.index("## Stages"):].splitlines()
+    assert stages[2:6] == ["| stage | seconds | peak GiB | at start GiB | after GiB |", "| --- | --- | --- | --- | --- |",
+                           "| iter_02/finetune | 12.0 | 1.17 | 0.50 | 0.75 |", "| iter_01/finetune | 11.0 | 1.07 | 0.50 | 0.75 |"]
+    assert stages[6] == "| iter_00/finetune | 10.0 | 0.98 | 0.50 | – |"  # a manifest without the field
 
     names = {p.name for p in out["plots"]}
     assert names == {"win_rate.png", "score_histograms.png", "keep_rate.png", "lengths.png"}
@@ -93,6 +100,7 @@ def test_full_report(tmp_path):
     page = (run / "report.html").read_text(encoding="utf-8")
     assert page.count("src='data:image/png;base64,") == 4  # self-contained: no file references
     assert "<td>0.600 ± 0.050 †</td>" in page
+    assert "<h2>Stages (time and resident memory)</h2>" in page and "<td>iter_02/finetune</td><td>12.0</td>" in page
 
 
 def test_summary_table_for_the_terminal(tmp_path):
