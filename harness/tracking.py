@@ -11,7 +11,9 @@ What lands where:
 * one **child run** per evaluated model: ``base`` (the untuned model), ``iter_00`` (M0),
   ``iter_01``, ... Base is a child of its own so that MLflow's compare view has one row per model;
   its metrics use ``step=-1`` so that, on the parent's charts, it sits left of M0 (step 0).
-* metrics with ``step=iteration`` on the child and on the parent; the whole resolved config,
+* metrics with ``step=iteration`` on the child and on the parent (evaluation, curation, data
+  quality, training, the gate, and each stage's seconds and peak memory as ``resources/*``);
+  the whole resolved config,
   flattened to ``section.key``, as parameters of the parent.
 * datasets (seed, candidates, each iteration's selected pairs) as run inputs, with the stage's
   ``output_digest`` as digest; manifests, eval summaries, ``gate.json``, a 20-pair sample of the
@@ -248,10 +250,24 @@ def iteration_metrics(run_dir: Path, name: str) -> dict[str, float]:
     out.update(curation_metrics(curate, select))
     train = (_json(it / "finetune" / "manifest.json") or {}).get("stats") or {}
     out.update({f"train/{k}": float(v) for k, v in train.items() if _number(v) is not None})
+    out.update(resource_metrics(it))
     gate = _json(it / "gate.json")
     if gate is not None:
         out["gate/passed"] = float(bool(gate.get("passed")))
     return {metric_name(k): v for k, v in out.items()}
+
+
+def resource_metrics(model_dir: Path) -> dict[str, float]:
+    """``resources/<stage>_seconds`` and ``resources/<stage>_peak_rss_mib`` of one model's stages
+    (curate, select, finetune, eval), from their manifests: where time and memory went, by
+    iteration, in MLflow's charts and compare view."""
+    out: dict[str, float] = {}
+    for stage in ("curate", "select", "finetune", "eval"):
+        manifest = _json(model_dir / stage / "manifest.json") or {}
+        for key, name in (("seconds", "seconds"), ("peak_rss_mib", "peak_rss_mib")):
+            if _number(manifest.get(key)) is not None:
+                out[f"resources/{stage}_{name}"] = float(manifest[key])
+    return out
 
 
 def gate_reason(gate: dict[str, Any]) -> str:
@@ -270,9 +286,15 @@ def _small_files(run_dir: Path, name: str) -> list[tuple[Path, str]]:
     return [(path, folder) for path, folder in wanted if path.is_file()]
 
 
+LOGGED_METRICS_VERSION = "2"
+"""Part of every iteration's fingerprint: raised when the metrics logged from the same files
+change (2: ``resources/*``), so a run logged by an older harness is brought up to date."""
+
+
 def fingerprint(run_dir: Path, name: str) -> str:
-    """Digest of the small files an iteration is logged from: unchanged means nothing to do."""
-    h = hashlib.sha256()
+    """Digest of the small files an iteration is logged from (and of what is logged from them):
+    unchanged means nothing to do."""
+    h = hashlib.sha256(LOGGED_METRICS_VERSION.encode() + b"\0")
     for path, _ in _small_files(run_dir, name):
         h.update(path.relative_to(run_dir).as_posix().encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]

@@ -57,8 +57,9 @@ def make_run(root: Path, name: str = "demo", gates: dict[int, bool] | None = Non
     _write(run / "base" / "eval" / "summary.json", _summary(0.30))
     for t in range(0, len(gates) + 1):
         it = run / f"iter_{t:02d}"
-        _write(it / "finetune" / "manifest.json", _manifest("finetune", f"ft{t}", {"train_pairs": 6 + 2 * t,
-                                                                                  "final_loss": 2.0 - 0.25 * t}))
+        _write(it / "finetune" / "manifest.json", {**_manifest("finetune", f"ft{t}", {"train_pairs": 6 + 2 * t,
+                                                                                     "final_loss": 2.0 - 0.25 * t}),
+                                                   "peak_rss_mib": 2048.0})
         _write(it / "finetune" / "model" / "adapter_config.json", {"r": 16})
         _write(it / "eval" / "summary.json", _summary(0.40 + 0.1 * t))
         if t == 0:
@@ -131,6 +132,8 @@ def test_parent_children_params_metrics_and_artifacts(tmp_path, store):
     assert metrics["curation/score_hist_4"] == 3 and metrics["curation/curator_precision"] == 0.8
     assert metrics["data/instruction_chars_mean"] == 21.0 and metrics["data/near_duplicate_rate"] == 0.0
     assert metrics["train/final_loss"] == 1.75 and metrics[f"{WIN}_stderr"] == 0.05
+    assert metrics["resources/finetune_seconds"] == 1.0 and metrics["resources/finetune_peak_rss_mib"] == 2048.0
+    assert "resources/curate_peak_rss_mib" not in metrics  # that manifest has no such field
     assert child1.data.tags[tracking.TAG_CHECKPOINT] == str(run.resolve() / "iter_01" / "finetune" / "model")
     assert child1.data.tags["gate.passed"] == "true"
     child2 = client.get_run(out["child_run_ids"]["iter_02"])
@@ -186,6 +189,23 @@ def test_rerun_is_idempotent_and_adds_new_iterations(tmp_path, store):
     steps = [m.step for m in client.get_metric_history(third["parent_run_id"], WIN)]
     assert sorted(steps) == [-1, 0, 1, 2]  # nothing logged twice
     assert len(client.get_run(third["parent_run_id"]).inputs.dataset_inputs) == 2
+
+
+def test_a_run_logged_by_an_older_harness_gets_the_new_metrics(tmp_path, store, monkeypatch):
+    run = make_run(tmp_path / "runs")
+    real = tracking.iteration_metrics
+    monkeypatch.setattr(tracking, "iteration_metrics",  # what the previous version logged
+                        lambda *a: {k: v for k, v in real(*a).items() if not k.startswith("resources/")})
+    monkeypatch.setattr(tracking, "LOGGED_METRICS_VERSION", "1")
+    first = tracking.log_run(run, tracking_uri=store, experiment=None, register_model_name=None)
+    child = first["child_run_ids"]["iter_01"]
+    assert "resources/finetune_seconds" not in _client(store).get_run(child).data.metrics
+    monkeypatch.undo()
+    again = tracking.log_run(run, tracking_uri=store, experiment=None, register_model_name=None)
+    assert again["child_run_ids"]["iter_01"] == child and again["created"] == []
+    assert _client(store).get_run(child).data.metrics["resources/finetune_seconds"] == 1.0
+    steps = [m.step for m in _client(store).get_metric_history(again["parent_run_id"], WIN)]
+    assert sorted(steps) == [-1, 0, 1, 2]  # unchanged metrics are not logged twice
 
 
 def test_champion_alias_goes_to_the_passing_iteration(tmp_path, store):
