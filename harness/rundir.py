@@ -129,16 +129,21 @@ def reset_peak_rss() -> str:
         return "process"
 
 
-def current_rss_mib() -> float | None:
-    """Resident memory of this process now (MiB; None where ``/proc`` is missing)."""
+def _proc_status_mib(field: str) -> float | None:
+    """A kB field of ``/proc/self/status`` in MiB (None where ``/proc`` is missing)."""
     try:
         with open("/proc/self/status", encoding="ascii") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         pass
     return None
+
+
+def current_rss_mib() -> float | None:
+    """Resident memory of this process now (MiB; None where ``/proc`` is missing)."""
+    return _proc_status_mib("VmRSS")
 
 
 RELEASE_AFTER_MIB = 256
@@ -175,13 +180,9 @@ def release_memory() -> None:
 
 def peak_rss_mib() -> float | None:
     """Peak resident memory of this process (MiB) since the last :func:`reset_peak_rss`."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
+    peak = _proc_status_mib("VmHWM")
+    if peak is not None:
+        return peak
     try:
         import resource
 
