@@ -43,6 +43,8 @@ class RunView:
     config: dict[str, Any] = field(default_factory=dict)
     seed_lengths: dict[str, tuple[float, float]] = field(default_factory=dict)
     """instruction/response -> (mean, std) of the seed pairs' character counts."""
+    stages: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    """(stage path, manifest) of every finished stage, in the order they ran."""
 
     def stat(self, column: str, stage: str, *keys: str) -> Any:
         node: Any = self.stats.get(column, {}).get(stage, {})
@@ -99,6 +101,7 @@ def load_run(run_dir: Path) -> RunView:
     except (FileNotFoundError, ImportError):
         pass
     view.seed_lengths = _seed_lengths(root / "seed" / "data.jsonl")
+    view.stages = stage_manifests(root)
     return view
 
 
@@ -375,39 +378,42 @@ def _header_lines(view: RunView) -> list[tuple[str, str]]:
         ("select.k", (cfg.get("select") or {}).get("k")),
         ("iterations", (cfg.get("iterate") or {}).get("iterations")),
         ("git commit", env.get("git_commit")),
-        ("peak memory", peak_memory(view.root)),
+        ("peak memory", peak_memory(view.stages)),
     ]
     return [(k, str(v)) for k, v in items if v is not None]
 
 
-def peak_memory(root: Path) -> str | None:
-    """The highest resident-memory peak any stage recorded, and which stage: ``"1.23 GiB (iter_01/curate)"``."""
-    best: tuple[float, str] | None = None
-    for path in root.glob("**/manifest.json"):
-        manifest = _json(path) or {}
-        peak = manifest.get("peak_rss_mib")
-        if _is_number(peak) and (best is None or peak > best[0]):
-            best = (peak, str(path.parent.relative_to(root)))
-    return None if best is None else f"{best[0] / 1024:.2f} GiB ({best[1]})"
-
-
-def stage_table(root: Path) -> Table:
-    """Every finished stage in the order it ran (its manifest's ``started``, to the second, then
-    when the manifest was written): seconds, and its memory peak, at start and after, in GiB;
-    "–" where a manifest predates a field."""
+def stage_manifests(root: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(stage path, manifest) of every finished stage, in the order the stages ran: the
+    manifest's ``started`` (to the second), then when the manifest was written."""
     found = []
     for path in root.glob("**/manifest.json"):
         manifest = _json(path) or {}
-        if "stage" in manifest or "seconds" in manifest:
+        if {"stage", "seconds", "peak_rss_mib"} & set(manifest):
             order = (str(manifest.get("started") or ""), path.stat().st_mtime)
             found.append((order, str(path.parent.relative_to(root)), manifest))
+    return [(name, manifest) for _, name, manifest in sorted(found, key=lambda f: (f[0], f[1]))]
+
+
+def peak_memory(stages: list[tuple[str, dict[str, Any]]]) -> str | None:
+    """The highest resident-memory peak any stage recorded, and which stage: ``"1.23 GiB (iter_01/curate)"``."""
+    peaks = [(m["peak_rss_mib"], name) for name, m in stages if _is_number(m.get("peak_rss_mib"))]
+    if not peaks:
+        return None
+    peak, name = max(peaks, key=lambda p: p[0])
+    return f"{peak / 1024:.2f} GiB ({name})"
+
+
+def stage_table(stages: list[tuple[str, dict[str, Any]]]) -> Table:
+    """Each stage's seconds, and its memory peak, at start and after, in GiB; "–" where a
+    manifest predates a field."""
 
     def gib(value: Any) -> str:
         return f"{value / 1024:.2f}" if _is_number(value) else "–"
 
     rows = [[name, f"{m['seconds']:.1f}" if _is_number(m.get("seconds")) else "–",
              gib(m.get("peak_rss_mib")), gib(m.get("rss_start_mib")), gib(m.get("rss_end_mib"))]
-            for _, name, m in sorted(found, key=lambda f: (f[0], f[1]))]
+            for name, m in stages]
     return ["stage", "seconds", "peak GiB", "at start GiB", "after GiB"], rows
 
 
@@ -432,7 +438,7 @@ def render_markdown(view: RunView, plots: list[Path]) -> str:
     lines += ["", "## Curation, selected data and training", ""] + _md_table(data_table(view))
     failures = gate_failures(view)
     lines += ["", "## Gates", ""] + ([f"- {f}" for f in failures] or ["No gate failed."])
-    stages = stage_table(view.root)
+    stages = stage_table(view.stages)
     if stages[1]:
         lines += ["", "## Stages (time and resident memory)", ""] + _md_table(stages)
     lines += ["", "## Plots", ""]
@@ -466,7 +472,7 @@ def render_html(view: RunView, plots: list[Path]) -> str:
     failures = gate_failures(view)
     parts.append("<h2>Gates</h2><ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in failures) + "</ul>"
                  if failures else "<h2>Gates</h2><p>No gate failed.</p>")
-    stages = stage_table(view.root)
+    stages = stage_table(view.stages)
     if stages[1]:
         parts.append("<h2>Stages (time and resident memory)</h2>" + _html_table(stages))
     parts.append("<h2>Plots</h2>")
