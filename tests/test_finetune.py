@@ -136,6 +136,32 @@ def test_target_only_loss_equals_transformers_loss(tiny_model, lora, chunked, mo
     assert float(scaled) == pytest.approx(float(want) * int((labels[:, 1:] != IGNORE).sum()) / 100, rel=1e-5)
 
 
+def test_target_only_loss_of_a_wrapped_output_head_and_of_no_targets(tiny_model):
+    """An adapted output projection takes plain autograd (still the model's own loss); a batch
+    without any target gives a loss of 0 and zero gradients, not NaN."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(str(tiny_model)), LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["lm_head"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    ids = torch.randint(5, 200, (2, 12))
+    labels = ids.clone()
+    labels[:, :5] = IGNORE
+    params = [p for p in model.parameters() if p.requires_grad]
+    want = model(input_ids=ids, labels=labels).loss
+    got = target_only_loss(model, ids, None, labels)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+    plain = load_model(str(tiny_model))
+    none = target_only_loss(plain, ids, None, torch.full_like(ids, IGNORE))
+    grads = torch.autograd.grad(none, [p for p in plain.parameters() if p.requires_grad], allow_unused=True)
+    assert float(none) == 0.0 and all(g is None or not g.any() for g in grads)
+
+
 @pytest.mark.skipif(not __import__("pipeline.engine", fromlist=["x"]).bf16_supported(), reason="no native bf16")
 def test_trainer_with_target_only_loss_matches_transformers_loss_under_bf16(tiny_model, tmp_path, monkeypatch):
     """The Trainer's loss, bf16 mixed precision included: the same losses as transformers' own
