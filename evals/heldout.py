@@ -241,15 +241,15 @@ def _trimming_hflm():
     per batch."""
     from lm_eval.models.huggingface import HFLM
 
-    from harness.rundir import trim_heap
+    from harness import rundir
 
     class TrimmingHFLM(HFLM):
         def _model_call(self, *args, **kwargs):
-            trim_heap()
+            rundir.trim_heap()
             return super()._model_call(*args, **kwargs)
 
         def _model_generate(self, *args, **kwargs):
-            trim_heap()
+            rundir.trim_heap()
             return super()._model_generate(*args, **kwargs)
 
     return TrimmingHFLM

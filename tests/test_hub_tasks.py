@@ -245,12 +245,17 @@ def test_harness_runs_local_and_hub_tasks_on_one_loaded_model(tiny_model, toy_ma
     built = []
     real_build = heldout.build_lm
     monkeypatch.setattr(heldout, "build_lm", lambda *a, **k: built.append(k["batch_size"]) or real_build(*a, **k))
+    from harness import rundir
+
+    trims = []
+    monkeypatch.setattr(rundir, "trim_heap", lambda: trims.append(1))
     cfg = load_config(None, [f"eval.data_dir={shared_data}", "eval.heldout_tasks=[truthfulqa_mc1]",
                              "eval.heldout_hub_tasks=[toy]", "eval.heldout_limit=2", "eval.batch_size=4",
                              "eval.heldout_batch_size=2", "engine.device=cpu"])
     settings = evaluate.eval_settings(cfg)
     metrics = evaluate._heldout_metrics(cfg, str(tiny_model), tmp_path, settings)
     assert built == [2]  # one model load for both, at the held-out batch size
+    assert trims  # freed heap pages are handed back between lm-eval's batches
     assert set(metrics) == {"truthfulqa_mc1/acc", "toy/acc"}
     local, hub = metrics["truthfulqa_mc1/acc"], metrics["toy/acc"]
     assert set(local["provenance"]) == {"eval_config", "task_version"}  # as before hub tasks existed
