@@ -264,9 +264,9 @@ def resource_metrics(model_dir: Path) -> dict[str, float]:
     out: dict[str, float] = {}
     for stage in ("curate", "select", "finetune", "eval"):
         manifest = _json(model_dir / stage / "manifest.json") or {}
-        for key, name in (("seconds", "seconds"), ("peak_rss_mib", "peak_rss_mib")):
+        for key in ("seconds", "peak_rss_mib"):
             if _number(manifest.get(key)) is not None:
-                out[f"resources/{stage}_{name}"] = float(manifest[key])
+                out[f"resources/{stage}_{key}"] = float(manifest[key])
     return out
 
 
