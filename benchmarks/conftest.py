@@ -113,14 +113,24 @@ def model_path(pytestconfig) -> str:
 
 
 @pytest.fixture(scope="session")
-def engine(bench, model_path, profile):
+def engine(bench, model_path, profile, reference_model):
     """The pipeline's engine on the benchmarked model, built by ``make_engine``."""
     from benchmarks.workloads import project_engine
 
     eng = project_engine(model_path, profile.batch_size)
-    bench.model["parameters"] = measure.parameter_count(eng.model)
+    # Counted on the plain fp32 model: the engine's linear weights may be packed buffers by now.
+    bench.model["parameters"] = measure.parameter_count(reference_model)
     bench.model["path"] = model_path
     return eng
+
+
+@pytest.fixture(scope="session")
+def reference_model(model_path):
+    """The benchmarked model loaded afresh in fp32: the naive loop and the fp32-weights variant
+    run on it, never on the engine's bf16 model."""
+    from benchmarks.workloads import fp32_model
+
+    return fp32_model(model_path)
 
 
 MAX_ATTEMPTS = 2

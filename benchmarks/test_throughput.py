@@ -7,7 +7,6 @@ them into throughput, MFU and normalized throughput at the end (see ``conftest.p
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 
@@ -51,20 +50,20 @@ def test_augment(run_timed, bench, profile, engine):
     _generation(run_timed, bench, profile, derived_engine(engine), "augment", chats, _augment_params(profile), what)
 
 
-def _naive(run_timed, bench, profile, engine, name, chats, params, what):
+def _naive(run_timed, bench, profile, engine, model, name, chats, params, what):
     """Reference: HF ``generate`` one prompt at a time, fp32. A short generate first, so the fp32
     kernels are warm without spending a whole slow round on warming up."""
-    model, tok = engine.model, engine.tokenizer
+    tok = engine.tokenizer
     naive_generate_round(model, tok, chats[:1], SamplingParams(max_new_tokens=8))
     rounds = run_timed(lambda: naive_generate_round(model, tok, chats, params), profile.rounds, warmup=0)
     bench.add(name, path=f"HF model.generate, one prompt at a time, fp32; {what}", counts="new_tokens",
               dtype="fp32", rounds=rounds)
 
 
-def test_naive_augment(run_timed, bench, profile, engine):
+def test_naive_augment(run_timed, bench, profile, engine, reference_model):
     chats = augment_chats(profile)[: profile.naive_prompts]
     what = f"first {len(chats)} augment prompts, {profile.augment_new_tokens} new tokens forced"
-    _naive(run_timed, bench, profile, engine, "naive_augment", chats, _augment_params(profile), what)
+    _naive(run_timed, bench, profile, engine, reference_model, "naive_augment", chats, _augment_params(profile), what)
 
 
 def test_answer(run_timed, bench, profile, engine):
@@ -73,14 +72,14 @@ def test_answer(run_timed, bench, profile, engine):
     _generation(run_timed, bench, profile, derived_engine(engine), "answer", chats, _answer_params(profile), what)
 
 
-def test_naive_answer(run_timed, bench, profile, engine):
+def test_naive_answer(run_timed, bench, profile, engine, reference_model):
     chats = answer_chats(profile)[: profile.naive_prompts]
     what = f"first {len(chats)} answer prompts, {profile.answer_new_tokens} new tokens forced, greedy"
-    _naive(run_timed, bench, profile, engine, "naive_answer", chats, _answer_params(profile), what)
+    _naive(run_timed, bench, profile, engine, reference_model, "naive_answer", chats, _answer_params(profile), what)
 
 
 @pytest.mark.parametrize("variant", ["fp32_weights", "hf_generate"])
-def test_answer_variant(run_timed, bench, profile, engine, variant):
+def test_answer_variant(run_timed, bench, profile, engine, reference_model, variant):
     """Reference paths on the answer workload (full profile only): the engine with fp32 weights
     (separates batching from bf16), and the engine's batches decoded by transformers' own
     ``generate`` (what the engine's decoding loop replaced)."""
@@ -91,7 +90,7 @@ def test_answer_variant(run_timed, bench, profile, engine, variant):
     what = f"{len(chats)} seed instructions, {profile.answer_new_tokens} new tokens forced, greedy"
     # Reference numbers only: a short warm-up call and fewer rounds keep the full run near 12 minutes.
     if variant == "fp32_weights":
-        eng = derived_engine(engine, model=copy.deepcopy(engine.model).to(torch.float32))
+        eng = derived_engine(engine, model=reference_model)
         engine_generate_round(eng, chats[:2], SamplingParams(max_new_tokens=8))
         _generation(run_timed, bench, profile, eng, "answer_fp32_weights", chats, params, what, n_rounds=1, warmup=0)
         return
@@ -149,7 +148,11 @@ def test_llama_cpp(run_timed, bench, profile, engine):
         pytest.skip("llama.cpp not available: " + bench.unavailable["llama_cpp"])
     from pipeline.models import locate_package_file
 
-    gguf = locate_package_file(bench.model["spec"])
+    spec = bench.model["spec"]
+    if not (spec.startswith("pkg:") and spec.endswith(".gguf")):
+        bench.unavailable["llama_cpp"] = f"{spec} is not a packaged GGUF file, which llama.cpp would read"
+        pytest.skip(bench.unavailable["llama_cpp"])
+    gguf = locate_package_file(spec)
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=2048, n_threads=torch.get_num_threads(), verbose=False)
     chats = answer_chats(profile)[: profile.llama_cpp_prompts]
     n = profile.answer_new_tokens

@@ -239,10 +239,24 @@ def _hf_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
     return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
 
 
+def fp32_model(model_path: str):
+    """The model loaded afresh in fp32, for the reference paths (the engine's own model has been
+    cast to bf16 by ``make_engine``, and may have its weights packed for inference)."""
+    from pipeline.models import load_model
+
+    model = load_model(model_path, dtype=torch.float32)
+    model.eval()
+    return model
+
+
 @torch.inference_mode()
 def naive_generate_round(model, tokenizer, chats: Sequence[Chat], params: SamplingParams) -> Round:
-    """The reference path: a Python loop calling HF ``generate`` one prompt at a time, in the
-    model's own dtype (fp32), no autocast, same prompts and forced new-token budget."""
+    """The reference path: a Python loop calling HF ``generate`` one prompt at a time, in fp32
+    (``model`` must hold fp32 weights: see :func:`fp32_model`), no autocast, same prompts and
+    forced new-token budget."""
+    dtypes = {p.dtype for p in model.parameters()}
+    if dtypes != {torch.float32}:
+        raise ValueError(f"the naive reference runs in fp32; this model holds {sorted(map(str, dtypes))} weights")
     torch.manual_seed(params.seed)
     prompt_tokens = new_tokens = 0
     start = time.perf_counter()

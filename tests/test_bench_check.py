@@ -249,3 +249,22 @@ def test_slowed_engine_fails_the_check(tiny_model, tmp_path):
     slow_baseline.write_text(json.dumps(baseline_from(slow_results)))
     passed = _cli("--results", str(fast_file), "--baseline", str(slow_baseline))
     assert passed.returncode == check.EXIT_OK, passed.stdout
+
+
+def test_naive_reference_runs_in_fp32_only(tiny_model):
+    """The naive loop is the issue's fp32 reference: handed the engine's bf16 model it refuses
+    instead of timing a bf16 loop under the fp32 label."""
+    import torch
+
+    from benchmarks.workloads import fp32_model, naive_generate_round
+    from pipeline.engine import SamplingParams
+    from pipeline.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    chats = [[{"role": "user", "content": "Why does ice float on water?"}]]
+    params = SamplingParams(max_new_tokens=3)
+    model = fp32_model(str(tiny_model))
+    done = naive_generate_round(model, tok, chats, params)
+    assert done.new_tokens == 3
+    with pytest.raises(ValueError, match="fp32"):
+        naive_generate_round(model.to(torch.bfloat16), tok, chats, params)
