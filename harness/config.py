@@ -184,10 +184,6 @@ class EngineSection(_Section):
     """Memory one generation batch's KV cache may take: batches hold fewer sequences than the
     stage's ``batch_size`` when their longest prompt plus the new-token budget would need more
     (null: ``batch_size`` alone decides). Size it to what the device has free beside the weights."""
-    pack_weights: bool = True
-    """With bf16 weights on a CPU, reorder every linear layer's weight once into oneDNN's blocked
-    layout instead of at every call (``pipeline.packing``): same outputs, bit for bit, and about
-    15% faster batched decoding on the reference CPU. No effect on GPUs or fp32 weights."""
     device: str = "auto"
     """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     threads: int | None = None

@@ -19,7 +19,6 @@ from evals import quality
 from harness.rundir import RunDir, StageContext, StageResult, combine_digests, tree_digests
 from pipeline import augment, corpus, curate, data
 from pipeline.engine import TransformersEngine, bf16_supported
-from pipeline.packing import pack_linears
 from pipeline.finetune import finetune
 from pipeline.io import chunked_map, read_jsonl, write_jsonl
 from pipeline.models import load_model, load_tokenizer, resolve_base
@@ -63,10 +62,6 @@ def make_engine(model_path: str, cfg: RunConfig, batch_size: int) -> Transformer
         # Cast once: autocast would re-cast every fp32 weight at every decoding step (on the 2-core
         # reference CPU that was 27% of the time; bf16 weights generated 1.8x faster).
         model = model.to(torch.bfloat16)
-    if cfg.engine.pack_weights:
-        packed = pack_linears(model)
-        if packed:
-            log.debug("engine: %d linear layers packed for oneDNN", packed)
     tokenizer = load_tokenizer(model_path, cfg.model.chat_template)
     return TransformersEngine(model, tokenizer, batch_size=batch_size, kv_cache_gib=cfg.engine.kv_cache_gib)
 

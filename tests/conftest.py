@@ -25,9 +25,9 @@ def _training_text() -> list[str]:
     return text
 
 
-def build_tiny_model(path: Path, hidden_size: int = 32, intermediate_size: int = 64) -> Path:
-    """A 2-layer Llama (hidden size 32 unless told) and a byte-level BPE tokenizer trained on the
-    packaged seed text: no download, a few seconds."""
+def build_tiny_model(path: Path) -> Path:
+    """A 2-layer Llama (hidden size 32) and a byte-level BPE tokenizer trained on the packaged
+    seed text: no download, a few seconds."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -48,8 +48,8 @@ def build_tiny_model(path: Path, hidden_size: int = 32, intermediate_size: int =
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(fast),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
+        hidden_size=32,
+        intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
