@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stage", help="run one stage and whatever it needs that is not cached yet")
     p.add_argument("name", choices=STAGES)
-    p.add_argument("--iteration", "-t", type=int, help="iteration for finetune (default 0), curate/select (default 1)")
+    p.add_argument("--iteration", "-t", type=int,
+                   help="iteration for finetune and eval (default 0), curate and select (default 1)")
     _common(p)
 
     p = sub.add_parser("eval", help="evaluate one model (AlpacaEval, held-out tasks) into its own directory")
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print(dump_config(cfg), end="")
         return 0
 
-    from harness.iterate import GateFailed, format_summary, iterate, open_run, stage_name
+    from harness.iterate import GateFailed, format_summary, iterate, open_run, planned_stages, stage_name
     from pipeline.data import DataError
     from pipeline.models import ModelError
 
@@ -97,8 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=2))
         return 0
 
-    run = open_run(cfg, args.run_dir)
     stop = stage_name(args.name, args.iteration) if args.command == "stage" else None
+    if stop is not None and stop not in planned_stages(cfg):
+        evaluation = stop.endswith("/eval") or stop == "judge_check"
+        why = ("eval.enabled is false" if evaluation and not cfg.eval.enabled
+               else f"iterate.iterations is {cfg.iterate.iterations}")
+        print(f"error: this config runs no stage {stop} ({why})", file=sys.stderr)
+        return EXIT_CONFIG
+    run = open_run(cfg, args.run_dir)
     try:
         summary = iterate(cfg, run, stop_after=stop)
     except (DataError, ModelError) as exc:

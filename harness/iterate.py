@@ -16,7 +16,8 @@ from harness.rundir import RunDir, StageResult, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-STAGES = ("seed", "corpus", "backward", "augment", "finetune", "curate", "select")
+STAGES = ("seed", "corpus", "judge_check", "base_eval", "backward", "augment", "finetune", "curate", "select", "eval")
+"""Names ``humpback stage`` takes; :func:`stage_name` turns them into run-directory stage names."""
 
 
 class StopAfter(Exception):
@@ -24,10 +25,26 @@ class StopAfter(Exception):
 
 
 def stage_name(stage: str, iteration: int | None) -> str:
-    if stage in ("finetune", "curate", "select"):
-        default = 0 if stage == "finetune" else 1
+    """The run-directory name of a ``humpback stage`` name: ``finetune`` and ``eval`` default to
+    iteration 0 (M0), ``curate`` and ``select`` to iteration 1; ``base_eval`` is the untuned base
+    model's evaluation."""
+    if stage in ("finetune", "curate", "select", "eval"):
+        default = 1 if stage in ("curate", "select") else 0
         return f"iter_{(default if iteration is None else iteration):02d}/{stage}"
+    if stage == "base_eval":
+        return "base/eval"
     return stage
+
+
+def planned_stages(cfg: RunConfig, with_eval: bool | None = None) -> list[str]:
+    """Every stage the loop runs under ``cfg``, in order; evaluation stages only when
+    ``eval.enabled`` (or ``with_eval``) says so."""
+    evals = cfg.eval.enabled if with_eval is None else with_eval
+    names = ["seed", "corpus"] + (["judge_check", "base/eval"] if evals else []) + ["backward", "augment"]
+    for t in range(0, cfg.iterate.iterations + 1):
+        names += [f"iter_{t:02d}/{s}" for s in (("finetune",) if t == 0 else ("curate", "select", "finetune"))]
+        names += [f"iter_{t:02d}/eval"] if evals else []
+    return names
 
 
 def open_run(cfg: RunConfig, run_dir: str | Path | None) -> RunDir:
@@ -151,10 +168,7 @@ def finish(run_root: Path, cfg: RunConfig) -> None:
 def summarize(run: RunDir, cfg: RunConfig) -> dict[str, Any]:
     """Per-stage counts and timings from the manifests on disk, and per-iteration summaries."""
     out: dict[str, Any] = {"run_dir": str(run.root), "stages": {}, "iterations": {}}
-    names = ["seed", "corpus", "judge_check", "base/eval", "backward", "augment"]
-    for t in range(0, cfg.iterate.iterations + 1):
-        names += [f"iter_{t:02d}/{s}" for s in (("finetune", "eval") if t == 0 else ("curate", "select", "finetune", "eval"))]
-    for name in names:
+    for name in planned_stages(cfg, with_eval=True):
         result = run.load(name)
         if result is None:
             continue

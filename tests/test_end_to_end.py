@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.cli import EXIT_DATA, EXIT_GATE, main
+from harness.cli import EXIT_CONFIG, EXIT_DATA, EXIT_GATE, main
 from harness.config import load_config
-from harness.iterate import iterate, open_run
+from harness.iterate import iterate, open_run, planned_stages
 from harness.rundir import DONE, MANIFEST, RunDir
 from pipeline.io import read_jsonl
 from conftest import SHARED_DATA
@@ -141,6 +141,29 @@ def test_stage_command_stops_after_its_stage(tiny_model, tmp_path, capsys):
     assert main(["stage", "corpus", "--config", str(cfg_path), "--run-dir", str(tmp_path / "r")]) == 0
     assert (tmp_path / "r" / "corpus" / DONE).exists() and not (tmp_path / "r" / "backward").exists()
     assert "corpus" in capsys.readouterr().out
+
+
+def test_stage_command_runs_an_evaluation_stage(tiny_model, tmp_path):
+    cfg_path = write_config(tmp_path, tiny_model)
+    assert main(["stage", "base_eval", "--config", str(cfg_path), "--run-dir", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "judge_check" / DONE).exists() and (tmp_path / "r" / "base" / "eval" / DONE).exists()
+    assert not (tmp_path / "r" / "backward").exists()
+
+
+def test_stage_command_refuses_a_stage_the_config_never_runs(tiny_model, tmp_path, capsys):
+    cfg_path = write_config(tmp_path, tiny_model)
+    args = ["--config", str(cfg_path), "--run-dir", str(tmp_path / "r")]
+    assert main(["stage", "eval", "-t", "3", *args]) == EXIT_CONFIG
+    assert "iter_03/eval" in capsys.readouterr().err
+    assert main(["stage", "base_eval", *args, "eval.enabled=false"]) == EXIT_CONFIG
+    assert "eval.enabled is false" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_planned_stages_are_the_stages_a_run_commits(finished_run):
+    cfg, run, _ = finished_run
+    assert planned_stages(cfg) == [name for name in planned_stages(cfg) if (run.root / name / DONE).exists()]
+    assert set(planned_stages(cfg)) == set(STAGES + EVALS)
 
 
 def test_unusable_seed_file_exits_with_named_file(tiny_model, tmp_path, capsys):
