@@ -204,8 +204,14 @@ def choose_samples(task: str, n_docs: int, limit: int, seed: int) -> list[int]:
     return sorted(rng.sample(range(n_docs), limit))
 
 
-def build_lm(spec: ModelSpec, *, batch_size: int, device: str):
-    """lm-eval's HF model over the resolved model.
+GENERATION = ("engine", "lm_eval")
+GENERATION_VERSIONS = {"engine": "engine_v1", "lm_eval": "lm_eval"}
+"""How lm-eval's ``generate_until`` requests are answered: by the project's engine on lm-eval's
+model (:mod:`evals.engine_generation`), or by lm-eval's own ``model.generate`` batches."""
+
+
+def build_lm(spec: ModelSpec, *, batch_size: int, device: str, generation: str = "engine"):
+    """lm-eval's HF model over the resolved model; ``generation``: see :data:`GENERATION`.
 
     A LoRA adapter is passed as lm-eval's ``peft=`` argument rather than merged into a
     temporary copy: no full set of weights is written for every evaluated iteration, peft
@@ -216,8 +222,10 @@ def build_lm(spec: ModelSpec, *, batch_size: int, device: str):
 
     # The project's tokenizer loader: a tokenizer without a chat template gets the same ChatML
     # fallback that fine-tuning and generation use, so the prompts match what the model saw.
+    if generation not in GENERATION:
+        raise HeldoutError(f"unknown generation {generation!r}; choose from {list(GENERATION)}")
     tokenizer = load_tokenizer(str(spec.tokenizer))
-    return _trimming_hflm()(
+    lm = _trimming_hflm()(
         pretrained=str(spec.base),
         tokenizer=tokenizer,
         peft=str(spec.adapter) if spec.adapter else None,
@@ -227,6 +235,8 @@ def build_lm(spec: ModelSpec, *, batch_size: int, device: str):
         trust_remote_code=False,
         use_safetensors=True,  # forwarded to from_pretrained
     )
+    lm.engine_generation = generation == "engine"
+    return lm
 
 
 @functools.cache
@@ -244,6 +254,18 @@ def _trimming_hflm():
     from harness import rundir
 
     class TrimmingHFLM(HFLM):
+        engine_generation = False
+        """Answer ``generate_until`` with the project's engine (set by :func:`build_lm`)."""
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            if not self.engine_generation:
+                return super().generate_until(requests, disable_tqdm)
+            from evals.engine_generation import engine_generate_until
+
+            rundir.trim_heap()
+            return engine_generate_until(
+                self, requests, lambda group: super(TrimmingHFLM, self).generate_until(group, disable_tqdm))
+
         def _model_call(self, *args, **kwargs):
             rundir.trim_heap()
             return super()._model_call(*args, **kwargs)
@@ -259,16 +281,24 @@ class SharedLM:
     """lm-eval's model for one evaluated model, built on first use and then reused, so the local
     tasks and the hub tasks (:mod:`evals.hub_tasks`) load the weights once."""
 
-    def __init__(self, spec: ModelSpec, *, batch_size: int, device: str):
-        self.spec, self.batch_size, self.device = spec, batch_size, device
+    def __init__(self, spec: ModelSpec, *, batch_size: int, device: str, generation: str = "engine",
+                 engine_batch_size: int | None = None, kv_cache_gib: float | None = None):
+        """``engine_batch_size`` and ``kv_cache_gib``: the engine's batches when it answers the
+        generation requests (default: lm-eval's ``batch_size``, which is sized for the
+        log-likelihood batches' full-vocabulary logits; generation holds only a KV cache)."""
+        self.spec, self.batch_size, self.device, self.generation = spec, batch_size, device, generation
+        self.engine_batch_size, self.kv_cache_gib = engine_batch_size, kv_cache_gib
         self._lm = None
 
-    def get(self, spec: ModelSpec, batch_size: int, device: str):
-        if (spec, batch_size, device) != (self.spec, self.batch_size, self.device):
+    def get(self, spec: ModelSpec, batch_size: int, device: str, generation: str = "engine"):
+        wanted, built = (spec, batch_size, device, generation), (self.spec, self.batch_size, self.device, self.generation)
+        if wanted != built:
             raise HeldoutError(f"shared model was built for {self.spec.path} (batch size {self.batch_size}, "
-                               f"{self.device}), asked for {spec.path} (batch size {batch_size}, {device})")
+                               f"{self.device}, {self.generation} generation), asked for {spec.path} (batch size "
+                               f"{batch_size}, {device}, {generation} generation)")
         if self._lm is None:
-            self._lm = build_lm(spec, batch_size=batch_size, device=device)
+            self._lm = build_lm(spec, batch_size=batch_size, device=device, generation=generation)
+            self._lm.engine_batch_size, self._lm.engine_kv_cache_gib = self.engine_batch_size, self.kv_cache_gib
         return self._lm
 
 
@@ -342,6 +372,7 @@ def run_heldout(
     max_gen_toks: int = 256,
     device: str = "cpu",
     shared_lm: SharedLM | None = None,
+    generation: str = "engine",
 ) -> dict:
     """Evaluate a model on held-out tasks with ``lm_eval.simple_evaluate``.
 
@@ -368,6 +399,7 @@ def run_heldout(
         device: Torch device; lm-eval itself would assume CUDA.
         shared_lm: a model loader shared with other evaluations of the same model (the hub
             tasks), so the weights are loaded once; None: load them here.
+        generation: who answers IFEval's and GSM8K's generation requests (:data:`GENERATION`).
 
     Returns:
         ``{"metrics": {"<task>/<metric>": {"value", "stderr", "n", "task", "task_version",
@@ -439,6 +471,7 @@ def run_heldout(
         "fewshot_as_multiturn": True,
         "bootstrap_iters": BOOTSTRAP_ITERS,
         "device": device,
+        "generation": GENERATION_VERSIONS[generation],
         "packages": package_versions(VERSIONED_PACKAGES),
     }
     paths = {
@@ -452,7 +485,8 @@ def run_heldout(
     }
 
     log.info("held-out evaluation of %s on %s (limit=%s, seed=%s)", spec.path, tasks, limit, seed)
-    results = evaluate(spec, tasks, tasks_dir, samples=samples, config=config, shared_lm=shared_lm)
+    results = evaluate(spec, tasks, tasks_dir, samples=samples, config=config, shared_lm=shared_lm,
+                       generation=generation)
     files_written = write_raw_outputs(
         results, out_dir, {"config": config, "paths": paths, "sample_indices": samples}
     )
@@ -478,14 +512,15 @@ def evaluate(
     samples: dict[str, list[int]] | None,
     config: dict[str, Any],
     shared_lm: SharedLM | None = None,
+    generation: str = "engine",
 ) -> dict[str, Any]:
     """Run ``lm_eval.simple_evaluate`` on the rendered tasks only (no built-ins indexed)."""
     from lm_eval.tasks import TaskManager
 
     if shared_lm is not None:
-        lm = shared_lm.get(spec, config["batch_size"], config["device"])
+        lm = shared_lm.get(spec, config["batch_size"], config["device"], generation)
     else:
-        lm = build_lm(spec, batch_size=config["batch_size"], device=config["device"])
+        lm = build_lm(spec, batch_size=config["batch_size"], device=config["device"], generation=generation)
     results = seeded_evaluate(lm, [TASK_PREFIX + t for t in tasks],
                               TaskManager(include_path=str(tasks_dir), include_defaults=False), samples, config,
                               config["system_prompt"])

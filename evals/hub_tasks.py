@@ -41,6 +41,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from evals.heldout import (
     BOOTSTRAP_ITERS,
     DTYPE,
+    GENERATION_VERSIONS,
     VERSIONED_PACKAGES,
     HeldoutError,
     SharedLM,
@@ -351,6 +352,7 @@ def run_hub_tasks(
     system_prompt: str | None = None,
     device: str = "cpu",
     shared_lm: SharedLM | None = None,
+    generation: str = "engine",
 ) -> dict[str, Any]:
     """Evaluate a model on prepared hub tasks with ``lm_eval.simple_evaluate``.
 
@@ -359,7 +361,7 @@ def run_hub_tasks(
             :func:`evals.heldout.run_heldout`.
         out_dir: where lm-eval's results, per-sample logs and ``summary.json`` are written.
         plan: from :func:`prepare_hub_tasks`.
-        batch_size, system_prompt, device: as for :func:`evals.heldout.run_heldout`.
+        batch_size, system_prompt, device, generation: as for :func:`evals.heldout.run_heldout`.
         shared_lm: reuse a model already loaded for the local tasks.
 
     Returns:
@@ -386,11 +388,13 @@ def run_hub_tasks(
         "fewshot_as_multiturn": True,
         "bootstrap_iters": BOOTSTRAP_ITERS,
         "device": device,
+        "generation": GENERATION_VERSIONS[generation],
         "packages": package_versions(VERSIONED_PACKAGES),
     }
     paths = {"model": str(spec.path), "base": str(spec.base), "adapter": str(spec.adapter) if spec.adapter else None,
              "tokenizer": str(spec.tokenizer)}
-    lm = (shared_lm or SharedLM(spec, batch_size=batch_size, device=device)).get(spec, batch_size, device)
+    shared = shared_lm or SharedLM(spec, batch_size=batch_size, device=device, generation=generation)
+    lm = shared.get(spec, batch_size, device, generation)
     log.info("hub held-out evaluation of %s on %s (limit=%s, seed=%s)", spec.path, plan.names, plan.limit, plan.seed)
     results = seeded_evaluate(lm, plan.objects, plan.task_manager, plan.samples, config, system_prompt)
     results = dict(results)

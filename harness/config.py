@@ -254,6 +254,12 @@ class EvalSection(_Section):
     """Few-shot examples per hub task, overriding lm-eval's default (e.g. ``{mmlu: 5}``, the
     paper's MMLU setting); a group's value applies to each of its tasks. Unnamed tasks keep
     lm-eval's stock setting."""
+    heldout_generation: Literal["engine", "lm_eval"] = "engine"
+    """Who answers the held-out tasks' generation requests (IFEval, GSM8K, generative hub
+    tasks): ``engine``, the project's decoding loop on the model lm-eval loaded (same fp32
+    weights; rows of similar length prefilled together, each row stopped at its own stop
+    string), or ``lm_eval``, lm-eval's own ``model.generate`` batches. Log-likelihood tasks are
+    lm-eval's either way. See ``evals/engine_generation.py`` for what differs."""
     heldout_batch_size: int | None = Field(None, ge=1)
     """lm-eval's batch size for the held-out tasks (null: ``batch_size``). Its log-likelihood
     batches hold the full-vocabulary logits in fp32 twice (logits and log-softmax): batch x

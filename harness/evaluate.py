@@ -44,6 +44,11 @@ def eval_settings(cfg: RunConfig) -> dict[str, Any]:
     out = {**{k: ev[k] for k in keep}, "judge_model": judge_model_spec(cfg), "system": stages.system_prompt(cfg)}
     if ev["heldout_batch_size"] is not None:  # absent when unset: earlier runs keep their cache keys
         out["heldout_batch_size"] = ev["heldout_batch_size"]
+    if ev["heldout_generation"] == "engine" and (ev["heldout_tasks"] or ev["heldout_hub_tasks"]):
+        # Present for the engine only: evaluations made before the option existed went through
+        # lm-eval's generate, so they keep their cache keys under "lm_eval" and are redone under
+        # "engine".
+        out["heldout_generation"] = "engine_v1"
     return {**out, **_alpaca_source_settings(cfg), **_hub_task_settings(cfg)}
 
 
@@ -181,14 +186,18 @@ def _heldout_metrics(cfg, model_path: str, work: Path, settings: dict) -> dict:
             raise hub_tasks.HubTaskError(f"eval.heldout_hub_tasks would report metrics under {clash}, which the local "
                                          f"evaluations already use; drop them from one of the lists")
     batch_size = ev.heldout_batch_size or ev.batch_size
-    shared = heldout.SharedLM(heldout.resolve_model(model_path), batch_size=batch_size, device=device)
+    # The engine's generation batches are AlpacaEval's answering batches (eval.batch_size); the
+    # held-out batch size is for lm-eval's log-likelihood logits.
+    shared = heldout.SharedLM(heldout.resolve_model(model_path), batch_size=batch_size, device=device,
+                              generation=ev.heldout_generation, engine_batch_size=ev.batch_size,
+                              kv_cache_gib=cfg.engine.kv_cache_gib)
     digest = settings_digest(settings)
     metrics: dict[str, Any] = {}
     if ev.heldout_tasks:
         result = heldout.run_heldout(model_path, work / "heldout", data_dir=ev.data_dir, tasks=ev.heldout_tasks,
                                      limit=ev.heldout_limit, seed=ev.seed, batch_size=batch_size,
                                      system_prompt=stages.system_prompt(cfg), max_gen_toks=ev.max_new_tokens,
-                                     device=device, shared_lm=shared)
+                                     device=device, shared_lm=shared, generation=ev.heldout_generation)
         metrics.update({
             name: _metric(m["value"], m.get("stderr"), m.get("n"),
                           {"eval_config": digest, "task_version": m.get("task_version")},
@@ -197,7 +206,8 @@ def _heldout_metrics(cfg, model_path: str, work: Path, settings: dict) -> dict:
         })
     if plan is not None:
         result = hub_tasks.run_hub_tasks(model_path, work / "heldout_hub", plan, batch_size=batch_size,
-                                         system_prompt=stages.system_prompt(cfg), device=device, shared_lm=shared)
+                                         system_prompt=stages.system_prompt(cfg), device=device, shared_lm=shared,
+                                         generation=ev.heldout_generation)
         metrics.update({
             name: _metric(m["value"], m.get("stderr"), m.get("n"),
                           {"eval_config": digest, "task_version": m.get("task_version"), "source": m["source"],

@@ -150,24 +150,34 @@ class TransformersEngine:
         head = torch.tensor(seqs[0][:shared], device=self.model.device).expand(len(seqs), -1)
         return (torch.cat([head, rest_ids], dim=-1), torch.cat([torch.ones_like(head), rest_mask], dim=-1), shared)
 
-    @torch.inference_mode()
     def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Completion]:
         ids = self._encode([self.render(c) for c in chats])
-        out: list[Completion | None] = [None] * len(chats)
+        return [self._completion(tokens, params) for tokens in self.generate_tokens(ids, params)]
+
+    @torch.inference_mode()
+    def generate_tokens(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
+        """Each prompt's new token ids (prompts given as token ids, already rendered): ending with
+        the EOS token where one was drawn, or with the token that completed a stop string."""
+        ids = [list(p) for p in prompts]
+        if any(not p for p in ids):
+            raise ValueError("every prompt needs at least one token")
+        out: list[list[int] | None] = [None] * len(ids)
         generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
         stopped = self._stop_check(params.stop)
+        eos = set(self._eos_ids())
         for batch in self._batches(ids, params.max_new_tokens):
             input_ids, mask, shared = self._layout([ids[i] for i in batch])
             new = decode(
                 self.model, input_ids, mask, max_new_tokens=params.max_new_tokens,
                 min_new_tokens=params.min_new_tokens, temperature=params.temperature, top_p=params.top_p,
-                eos_ids=self._eos_ids(), pad_id=self.tokenizer.pad_token_id, stopped=stopped, generator=generator,
+                eos_ids=sorted(eos), pad_id=self.tokenizer.pad_token_id, stopped=stopped, generator=generator,
                 shared=shared,
             )
             self._count(mask, shared)
             for row, i in enumerate(batch):
-                out[i] = self._completion(new[row], params)
-        return [c for c in out if c is not None]
+                out[i] = new[row]
+                self.stats["new_tokens"] += len(new[row]) - (1 if new[row] and new[row][-1] in eos else 0)
+        return [tokens for tokens in out if tokens is not None]
 
     def _count(self, mask: torch.Tensor, shared: int) -> None:
         self.stats["prompt_tokens"] += int(mask.sum())
@@ -200,7 +210,6 @@ class TransformersEngine:
             if tok in eos:
                 cut, finished = j, True
                 break
-        self.stats["new_tokens"] += cut
         text = self.tokenizer.decode(tokens[:cut], skip_special_tokens=True)
         for stop in params.stop:
             pos = text.find(stop)

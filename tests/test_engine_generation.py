@@ -1,0 +1,100 @@
+"""lm-eval's generation requests answered by the engine: the same answers as lm-eval's own
+``generate`` path on the same fp32 model, stop sequences and EOS cut the same way, unsupported
+settings handed back to lm-eval, answers in request order and through lm-eval's cache hook."""
+
+from __future__ import annotations
+
+import pytest
+
+from evals import heldout
+
+PROMPTS = [
+    "<|im_start|>user\nWhy does ice float on water?<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nExplain what causes ocean tides, in two sentences.<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nName a prime number larger than ten and say why "
+    "it is prime.<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nCount to three.<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+def requests(gen_kwargs_list):
+    from lm_eval.api.instance import Instance
+
+    return [Instance("generate_until", {}, (prompt, dict(kwargs)), i)
+            for i, (prompt, kwargs) in enumerate(zip(PROMPTS, gen_kwargs_list))]
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model):
+    spec = heldout.resolve_model(str(tiny_model))
+    return {g: heldout.build_lm(spec, batch_size=2, device="cpu", generation=g) for g in heldout.GENERATION}
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def add_partial(self, attr, req, res):
+        self.calls.append((attr, req, res))
+
+
+def test_greedy_answers_equal_lm_evals_own(models):
+    greedy = {"until": ["Question:"], "max_gen_toks": 24, "do_sample": False, "temperature": 0.0}
+    mixed = [greedy, greedy, {**greedy, "max_gen_toks": 7}, greedy, {**greedy, "max_gen_toks": 7}]
+    theirs = models["lm_eval"].generate_until(requests(mixed))
+    ours = models["engine"].generate_until(requests(mixed))
+    assert ours == theirs
+    assert any(len(a) > 20 for a in ours)  # real continuations, not empty strings
+
+
+def test_stop_sequences_cut_like_lm_eval(models):
+    # The tiny model's text has spaces and "e"s: every answer is cut somewhere.
+    for stop in (" ", "e"):
+        kwargs = [{"until": [stop], "max_gen_toks": 24, "do_sample": False}] * len(PROMPTS)
+        theirs = models["lm_eval"].generate_until(requests(kwargs))
+        ours = models["engine"].generate_until(requests(kwargs))
+        assert ours == theirs
+        assert all(stop not in a for a in ours)
+
+
+def test_answers_reach_lm_evals_cache_hook_in_order(models, monkeypatch):
+    lm = models["engine"]
+    recorder = Recorder()
+    monkeypatch.setattr(lm, "cache_hook", recorder)
+    kwargs = [{"until": [], "max_gen_toks": 5, "do_sample": False}] * len(PROMPTS)
+    answers = lm.generate_until(requests(kwargs))
+    assert [c[0] for c in recorder.calls] == ["generate_until"] * len(PROMPTS)
+    assert {c[1][0]: c[2] for c in recorder.calls} == dict(zip(PROMPTS, answers))
+
+
+def test_unsupported_settings_go_through_lm_evals_generate(models, monkeypatch):
+    lm = models["engine"]
+    handed_back = []
+    parent = type(lm).__mro__[1]
+    real = parent.generate_until
+
+    def spy(self, reqs, disable_tqdm=False):
+        handed_back.append(len(reqs))
+        return real(self, reqs, disable_tqdm)
+
+    monkeypatch.setattr(parent, "generate_until", spy)
+    plain = {"until": [], "max_gen_toks": 4, "do_sample": False}
+    beams = {"until": [], "max_gen_toks": 4, "do_sample": False, "num_beams": 2}
+    answers = lm.generate_until(requests([plain, beams, plain, beams, plain]))
+    assert handed_back == [2] and len(answers) == len(PROMPTS) and all(isinstance(a, str) for a in answers)
+
+
+def test_generation_choice_enters_settings_only_for_the_engine(shared_data):
+    from harness import evaluate
+    from harness.config import load_config
+
+    base = [f"eval.data_dir={shared_data}"]
+    engine = evaluate.eval_settings(load_config(None, base))
+    stock = evaluate.eval_settings(load_config(None, [*base, "eval.heldout_generation=lm_eval"]))
+    assert engine["heldout_generation"] == "engine_v1"
+    # Evaluations made before the option existed used lm-eval's generate: under "lm_eval" their
+    # cache keys stay as they were.
+    assert "heldout_generation" not in stock
+    no_heldout = evaluate.eval_settings(load_config(None, [*base, "eval.heldout_tasks=[]"]))
+    assert "heldout_generation" not in no_heldout
