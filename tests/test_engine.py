@@ -104,3 +104,18 @@ def test_shared_prefix_computed_once_gives_the_same_results(tiny_model):
     got, want = shared.choice_probs(chats, "Score:", choices), plain.choice_probs(chats, "Score:", choices)
     for a, b in zip(got, want):
         assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_generate_tokens_takes_rendered_token_ids(engine):
+    params = SamplingParams(max_new_tokens=10)
+    ids = engine._encode([engine.render(c) for c in CHATS])
+    before = engine.stats["new_tokens"]
+    tokens = engine.generate_tokens(ids, params)
+    counted = engine.stats["new_tokens"] - before
+    texts = [c.text for c in engine.generate(CHATS, params)]
+    eos = set(engine._eos_ids())
+    assert [engine.tokenizer.decode([t for t in row if t not in eos], skip_special_tokens=True).strip()
+            for row in tokens] == texts
+    assert counted == sum(len(row) - (row[-1] in eos) for row in tokens)
+    with pytest.raises(ValueError, match="at least one token"):
+        engine.generate_tokens([ids[0], []], params)
