@@ -204,10 +204,17 @@ def choose_samples(task: str, n_docs: int, limit: int, seed: int) -> list[int]:
     return sorted(rng.sample(range(n_docs), limit))
 
 
-GENERATION = ("engine", "lm_eval")
 GENERATION_VERSIONS = {"engine": "engine_v1", "lm_eval": "lm_eval"}
 """How lm-eval's ``generate_until`` requests are answered: by the project's engine on lm-eval's
-model (:mod:`evals.engine_generation`), or by lm-eval's own ``model.generate`` batches."""
+model (:mod:`evals.engine_generation`), or by lm-eval's own ``model.generate`` batches; the
+value is what a results config records."""
+GENERATION = tuple(GENERATION_VERSIONS)
+
+
+def check_generation(generation: str) -> str:
+    if generation not in GENERATION:
+        raise HeldoutError(f"unknown generation {generation!r}; choose from {list(GENERATION)}")
+    return generation
 
 
 def build_lm(spec: ModelSpec, *, batch_size: int, device: str, generation: str = "engine"):
@@ -222,8 +229,7 @@ def build_lm(spec: ModelSpec, *, batch_size: int, device: str, generation: str =
 
     # The project's tokenizer loader: a tokenizer without a chat template gets the same ChatML
     # fallback that fine-tuning and generation use, so the prompts match what the model saw.
-    if generation not in GENERATION:
-        raise HeldoutError(f"unknown generation {generation!r}; choose from {list(GENERATION)}")
+    check_generation(generation)
     tokenizer = load_tokenizer(str(spec.tokenizer))
     lm = _trimming_hflm()(
         pretrained=str(spec.base),
@@ -419,6 +425,7 @@ def run_heldout(
         raise HeldoutError(f"unknown or no tasks {unknown}; choose from {sorted(HELDOUT_TASKS)}")
     if limit is not None and limit < 1:
         raise HeldoutError(f"limit must be a positive document count, got {limit}")
+    check_generation(generation)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data_root = Path(data_dir).expanduser().resolve()

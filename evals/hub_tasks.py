@@ -45,6 +45,7 @@ from evals.heldout import (
     VERSIONED_PACKAGES,
     HeldoutError,
     SharedLM,
+    check_generation,
     metric_name,
     resolve_model,
     seeded_evaluate,
@@ -370,6 +371,7 @@ def run_hub_tasks(
         documents by content.
     """
     started = time.perf_counter()
+    check_generation(generation)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = resolve_model(model_path)

@@ -234,3 +234,5 @@ def test_bad_inputs_are_refused_before_loading(tiny_model, shared_data, tmp_path
         run_heldout(str(tiny_model), tmp_path, data_dir=tmp_path, tasks=["gsm8k"])
     with pytest.raises(HeldoutError, match="safetensors"):
         run_heldout(str(tmp_path), tmp_path / "out", data_dir=shared_data, tasks=["gsm8k"])
+    with pytest.raises(HeldoutError, match="unknown generation 'vllm'"):
+        run_heldout(str(tiny_model), tmp_path, data_dir=shared_data, tasks=["gsm8k"], generation="vllm")
