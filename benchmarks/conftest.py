@@ -113,13 +113,12 @@ def model_path(pytestconfig) -> str:
 
 
 @pytest.fixture(scope="session")
-def engine(bench, model_path, profile, reference_model):
+def engine(bench, model_path, profile):
     """The pipeline's engine on the benchmarked model, built by ``make_engine``."""
     from benchmarks.workloads import project_engine
 
     eng = project_engine(model_path, profile.batch_size)
-    # Counted on the plain fp32 model: the engine's linear weights may be packed buffers by now.
-    bench.model["parameters"] = measure.parameter_count(reference_model)
+    bench.model["parameters"] = measure.parameter_count(eng.model)
     bench.model["path"] = model_path
     return eng
 

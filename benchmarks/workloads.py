@@ -241,7 +241,7 @@ def _hf_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
 
 def fp32_model(model_path: str):
     """The model loaded afresh in fp32, for the reference paths (the engine's own model has been
-    cast to bf16 by ``make_engine``, and may have its weights packed for inference)."""
+    cast to bf16 by ``make_engine`` where the CPU has native bf16)."""
     from pipeline.models import load_model
 
     model = load_model(model_path, dtype=torch.float32)

@@ -51,10 +51,9 @@ def engine_generate_until(lm, requests: Sequence[Any], fallback, seed: int = 0) 
     answers: list[str | None] = [None] * len(requests)
     eos = lm.tok_decode(lm.eot_token_id, skip_special_tokens=False)
     padding_side = lm.tokenizer.padding_side
-    batch_size = getattr(lm, "engine_batch_size", None) or lm.batch_size
+    batch_size = lm.engine_batch_size or lm.batch_size
     batch_size = batch_size if isinstance(batch_size, int) else DEFAULT_BATCH
-    engine = TransformersEngine(lm.model, lm.tokenizer, batch_size=batch_size,
-                                kv_cache_gib=getattr(lm, "engine_kv_cache_gib", None))
+    engine = TransformersEngine(lm.model, lm.tokenizer, batch_size=batch_size, kv_cache_gib=lm.engine_kv_cache_gib)
     lm.tokenizer.padding_side = padding_side  # the engine pads by itself; lm-eval keeps its setting
     eos_ids = set(engine._eos_ids())
     think_end = getattr(lm, "think_end_token", None)

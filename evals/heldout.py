@@ -262,6 +262,10 @@ def _trimming_hflm():
     class TrimmingHFLM(HFLM):
         engine_generation = False
         """Answer ``generate_until`` with the project's engine (set by :func:`build_lm`)."""
+        engine_batch_size: int | None = None
+        """The engine's rows per batch (None: lm-eval's ``batch_size``; set by :class:`SharedLM`)."""
+        engine_kv_cache_gib: float | None = None
+        """The engine's KV-cache budget per batch (None: no limit; set by :class:`SharedLM`)."""
 
         def generate_until(self, requests, disable_tqdm: bool = False):
             if not self.engine_generation:
