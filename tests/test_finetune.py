@@ -97,13 +97,23 @@ def test_chat_must_end_with_assistant(tiny_model, bad):
         encode_example(bad, load_tokenizer(str(tiny_model)), 64)
 
 
+def _adapted(model, targets: list[str]):
+    """``model`` with a rank-4 LoRA on ``targets``; peft starts B at zero, so it is moved for the
+    adapter to take part in the loss."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=targets))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    return model
+
+
 @pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("lora", [False, True])
 def test_target_only_loss_equals_transformers_loss(tiny_model, lora, chunked, monkeypatch):
     """Same value and same gradients as the model's own loss over every position (output
     weights included, when they train), in one chunk or in chunks of 2 target rows."""
-    from peft import LoraConfig, get_peft_model
-
     from pipeline import finetune as ft
 
     torch.manual_seed(0)
@@ -111,11 +121,7 @@ def test_target_only_loss_equals_transformers_loss(tiny_model, lora, chunked, mo
     if chunked:
         monkeypatch.setattr(ft, "OUTPUT_CHUNK_ELEMENTS", 2 * model.config.vocab_size)
     if lora:
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"]))
-        # peft starts B at zero; move it so the adapter takes part in the loss
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.5)
+        model = _adapted(model, ["q_proj", "v_proj"])
     ids = torch.randint(5, 200, (3, 20))
     labels = ids.clone()
     labels[:, :8] = IGNORE
@@ -139,13 +145,8 @@ def test_target_only_loss_equals_transformers_loss(tiny_model, lora, chunked, mo
 def test_target_only_loss_of_a_wrapped_output_head_and_of_no_targets(tiny_model):
     """An adapted output projection takes plain autograd (still the model's own loss); a batch
     without any target gives a loss of 0 and zero gradients, not NaN."""
-    from peft import LoraConfig, get_peft_model
-
     torch.manual_seed(0)
-    model = get_peft_model(load_model(str(tiny_model)), LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["lm_head"]))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.5)
+    model = _adapted(load_model(str(tiny_model)), ["lm_head"])
     ids = torch.randint(5, 200, (2, 12))
     labels = ids.clone()
     labels[:, :5] = IGNORE
