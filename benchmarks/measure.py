@@ -22,6 +22,8 @@ from typing import Sequence
 
 import torch
 
+from pipeline.hardware import matmul_gflops
+
 PEAK_SIZE = 2048
 
 
@@ -39,28 +41,11 @@ class Peak:
                 "samples": [round(s, 2) for s in self.samples]}
 
 
-def matmul_gflops(dtype: torch.dtype, size: int = PEAK_SIZE, repeats: int = 10, warmup: int = 2) -> list[float]:
-    """GFLOP/s of ``repeats`` square matmuls of ``size`` in ``dtype``, one sample per matmul."""
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=gen).to(dtype)
-    b = torch.randn(size, size, generator=gen).to(dtype)
-    out = torch.empty(size, size, dtype=dtype)
-    flops = 2.0 * size**3
-    for _ in range(warmup):
-        torch.mm(a, b, out=out)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        samples.append(flops / (time.perf_counter() - start) / 1e9)
-    return samples
-
-
 def measure_peaks(repeats: int = 10) -> dict[str, Peak]:
     """The bf16 and fp32 matmul peaks (median of ``repeats``)."""
     peaks = {}
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        samples = matmul_gflops(dtype, repeats=repeats)
+        samples = matmul_gflops(dtype, PEAK_SIZE, repeats=repeats)
         peaks[name] = Peak(name, statistics.median(samples), samples)
     return peaks
 
@@ -198,12 +183,13 @@ def machine_info() -> dict:
     """What the numbers were measured on; the check prints it when machines differ."""
     import transformers
 
-    from pipeline.engine import bf16_supported
+    from pipeline.hardware import bf16_choice, bf16_native
 
     return {
         "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
-        "bf16_supported": bf16_supported(),
+        "bf16_supported": bf16_native(),
+        "bf16_auto": bf16_choice().as_dict(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -18,7 +18,8 @@ from benchmarks.workloads import (
     demo_finetune_section, derived_engine, engine_dtype, engine_generate_round, hf_generate_round,
     naive_generate_round, training_chats,
 )
-from pipeline.engine import SamplingParams, bf16_supported
+from pipeline.engine import SamplingParams
+from pipeline.hardware import bf16_native
 
 
 def _augment_params(profile) -> SamplingParams:
@@ -118,7 +119,7 @@ def test_curate(run_timed, bench, profile, engine, mode):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_lora_step(run_timed, bench, profile, model_path, dtype):
-    if dtype == "bf16" and not bf16_supported():
+    if dtype == "bf16" and not bf16_native():
         bench.unavailable["lora_bf16"] = "this CPU has no bf16 instructions"
         pytest.skip("no bf16 on this CPU")
     cfg = demo_finetune_section(profile)

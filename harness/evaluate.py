@@ -23,6 +23,7 @@ import torch
 from harness import stages
 from harness.config import RunConfig, settings_digest
 from harness.rundir import RunDir, StageContext, StageResult, release_memory, write_json_atomic
+from pipeline import hardware
 from pipeline.io import write_jsonl
 from pipeline.models import resolve_base
 
@@ -228,6 +229,7 @@ def evaluate_standalone(cfg: RunConfig, model_spec: str, out: str | Path | None)
     ``model/eval/summary.json``) in a directory of its own."""
     name = Path(model_spec.rstrip("/")).name.replace(".gguf", "") or "model"
     run = RunDir(out or Path(cfg.run.root) / f"eval-{name}")
+    hardware.configure_threads(cfg.engine.threads)
     model = stages.model_input(model_spec, cfg.model.revision, name="model")
     check = check_judge_stage(run, cfg)
     result = evaluate_model(run, cfg, "model", model, check)

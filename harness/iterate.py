@@ -13,6 +13,7 @@ from typing import Any
 from harness import evaluate, gate, stages
 from harness.config import RunConfig, dump_config
 from harness.rundir import RunDir, StageResult, write_json_atomic
+from pipeline import hardware
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ def planned_stages(cfg: RunConfig, with_eval: bool | None = None) -> list[str]:
 def open_run(cfg: RunConfig, run_dir: str | Path | None) -> RunDir:
     run = RunDir(run_dir or Path(cfg.run.root) / cfg.run.name)
     (run.root / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    hardware.configure_threads(cfg.engine.threads)
     run.write_env()
     return run
 

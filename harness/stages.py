@@ -17,8 +17,8 @@ import torch
 from harness.config import RunConfig
 from evals import quality
 from harness.rundir import RunDir, StageContext, StageResult, combine_digests, tree_digests
-from pipeline import augment, corpus, curate, data
-from pipeline.engine import TransformersEngine, bf16_supported
+from pipeline import augment, corpus, curate, data, hardware
+from pipeline.engine import TransformersEngine
 from pipeline.finetune import finetune
 from pipeline.io import chunked_map, read_jsonl, write_jsonl
 from pipeline.models import load_model, load_tokenizer, resolve_base
@@ -52,8 +52,7 @@ def system_prompt(cfg: RunConfig) -> str | None:
 
 
 def make_engine(model_path: str, cfg: RunConfig, batch_size: int) -> TransformersEngine:
-    if cfg.engine.threads:
-        torch.set_num_threads(cfg.engine.threads)
+    hardware.configure_threads(cfg.engine.threads)
     device = cfg.engine.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,7 +67,7 @@ def make_engine(model_path: str, cfg: RunConfig, batch_size: int) -> Transformer
 
 def engine_bf16(cfg: RunConfig) -> bool:
     """Whether generation and scoring run with bf16 weights (``engine.bf16``)."""
-    return cfg.engine.bf16 == "on" or (cfg.engine.bf16 == "auto" and bf16_supported())
+    return hardware.use_bf16(cfg.engine.bf16)
 
 
 def model_path(result: StageResult) -> str:

@@ -50,17 +50,6 @@ class Engine(Protocol):
         ...
 
 
-def bf16_supported() -> bool:
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
-            flags = fh.read()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        return False
-
-
 @dataclass
 class TransformersEngine:
     """Generation and scoring on a transformers model, in the model's own dtype and device (cast

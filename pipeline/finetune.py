@@ -19,7 +19,7 @@ from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 
 from harness.config import TrainSection
-from pipeline.engine import bf16_supported
+from pipeline import hardware
 from pipeline.models import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -204,10 +204,6 @@ class TargetLossTrainer(Trainer):
                                     num_items_in_batch)
 
 
-def use_bf16(setting: str) -> bool:
-    return setting == "on" or (setting == "auto" and bf16_supported())
-
-
 def finetune(
     base: str,
     chats: Sequence[list[dict[str, str]]],
@@ -223,7 +219,7 @@ def finetune(
     tokenizer = load_tokenizer(base, chat_template)
     tokenizer.padding_side = "right"
     dataset, counts = build_dataset(chats, tokenizer, cfg.max_seq_len)
-    bf16 = use_bf16(cfg.bf16)
+    bf16 = hardware.use_bf16(cfg.bf16)
     model = load_model(base, dtype=torch.float32)
     if cfg.method == "lora":
         from peft import LoraConfig, get_peft_model

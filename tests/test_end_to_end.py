@@ -78,6 +78,9 @@ def test_every_stage_committed_with_manifest(finished_run):
         assert set(manifest["packages"]) >= {"torch", "transformers", "peft"}
         assert not list(run.root.rglob("*.partial"))
     assert (run.root / "config.yaml").exists() and (run.root / "env.json").exists()
+    env = json.loads((run.root / "env.json").read_text())
+    assert 1 <= env["torch_threads"] <= env["cpu_budget"]
+    assert isinstance(env["bf16_auto"]["use"], bool) and env["bf16_auto"]["reason"]
     assert set(summary["iterations"]) == {0, 1, 2}
     assert (run.root / "iter_02" / "summary.json").exists()
 

@@ -1,0 +1,104 @@
+"""Thread and bf16 decisions: cgroup quotas, cpuinfo flags, the bf16 rule."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline import hardware
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _cgroup_v2(tmp_path, text):
+    (tmp_path / "cpu.max").write_text(text)
+    return tmp_path
+
+
+def test_cgroup_v2_quota(tmp_path):
+    assert hardware.cgroup_cpu_limit(_cgroup_v2(tmp_path, "max 100000\n")) is None
+    assert hardware.cgroup_cpu_limit(_cgroup_v2(tmp_path, "400000 100000\n")) == 4
+    assert hardware.cgroup_cpu_limit(_cgroup_v2(tmp_path, "150000 100000\n")) == 1  # rounded down
+    assert hardware.cgroup_cpu_limit(_cgroup_v2(tmp_path, "20000 100000\n")) == 1  # at least one
+
+
+def test_cgroup_v1_quota(tmp_path):
+    cpu = tmp_path / "cpu,cpuacct"
+    cpu.mkdir()
+    (cpu / "cpu.cfs_period_us").write_text("100000\n")
+    (cpu / "cpu.cfs_quota_us").write_text("-1\n")
+    assert hardware.cgroup_cpu_limit(tmp_path) is None
+    (cpu / "cpu.cfs_quota_us").write_text("300000\n")
+    assert hardware.cgroup_cpu_limit(tmp_path) == 3
+
+
+def test_no_cgroup_files_means_no_limit(tmp_path):
+    assert hardware.cgroup_cpu_limit(tmp_path) is None
+    assert hardware.cpu_budget(tmp_path) == len(__import__("os").sched_getaffinity(0))
+
+
+def test_threads_lowered_to_the_quota_never_raised(tmp_path, restore_threads):
+    torch.set_num_threads(2)
+    assert hardware.configure_threads(None, _cgroup_v2(tmp_path, "100000 100000")) == 1
+    assert torch.get_num_threads() == 1
+    # A quota above what torch uses leaves torch's choice alone.
+    assert hardware.configure_threads(None, _cgroup_v2(tmp_path, "6400000 100000")) == 1
+    # An explicit setting wins over the quota.
+    assert hardware.configure_threads(2, _cgroup_v2(tmp_path, "100000 100000")) == 2
+
+
+def test_cpuinfo_flags():
+    x86 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n"
+    x86_without = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n"
+    arm = "processor\t: 0\nFeatures\t: fp asimd sve i8mm bf16 svebf16\nCPU part\t: 0xd40\n"
+    arm_without = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32\n"
+    assert hardware.cpuinfo_declares_bf16(x86)
+    assert not hardware.cpuinfo_declares_bf16(x86_without)
+    assert hardware.cpuinfo_declares_bf16(arm)
+    assert not hardware.cpuinfo_declares_bf16(arm_without)
+    # The word must be a flag of its own, not part of another one or of another field.
+    assert not hardware.cpuinfo_declares_bf16("flags\t: avx512_bf16x\nmodel name\t: avx512_bf16 chip\n")
+
+
+def test_bf16_rule():
+    assert not hardware.decide_bf16(False, 400.0, 100.0).use  # no native bf16: never
+    fast = hardware.decide_bf16(True, 420.0, 183.0)
+    assert fast.use and "2.30x" in fast.reason
+    slow = hardware.decide_bf16(True, 110.0, 100.0)
+    assert not slow.use and "1.10x" in slow.reason and "1.25x" in slow.reason
+    assert hardware.decide_bf16(True).use  # a GPU: declared support is enough
+
+
+def test_settings_on_and_off_skip_the_probe(monkeypatch):
+    def boom():
+        raise AssertionError("probed")
+
+    monkeypatch.setattr(hardware, "bf16_choice", boom)
+    assert hardware.use_bf16("on") is True
+    assert hardware.use_bf16("off") is False
+    with pytest.raises(AssertionError):
+        hardware.use_bf16("auto")
+
+
+def test_auto_follows_the_measured_choice(monkeypatch):
+    monkeypatch.setattr(hardware, "bf16_choice", lambda: hardware.decide_bf16(True, 110.0, 100.0))
+    assert hardware.use_bf16("auto") is False
+    monkeypatch.setattr(hardware, "bf16_choice", lambda: hardware.decide_bf16(True, 300.0, 100.0))
+    assert hardware.use_bf16("auto") is True
+
+
+def test_this_machines_choice_is_consistent():
+    choice = hardware.bf16_choice()
+    if not hardware.bf16_native():
+        assert not choice.use and choice.bf16_gflops is None
+    elif not torch.cuda.is_available():
+        assert choice.bf16_gflops > 0 and choice.fp32_gflops > 0
+        assert choice.use == (choice.bf16_gflops / choice.fp32_gflops >= hardware.BF16_MIN_SPEEDUP)
+    json.dumps(choice.as_dict())
