@@ -264,8 +264,9 @@ def _trimming_hflm():
         """Answer ``generate_until`` with the project's engine (set by :func:`build_lm`)."""
         engine_batch_size: int | None = None
         """The engine's rows per batch (None: lm-eval's ``batch_size``; set by :class:`SharedLM`)."""
-        engine_kv_cache_gib: float | None = None
-        """The engine's KV-cache budget per batch (None: no limit; set by :class:`SharedLM`)."""
+        engine_kv_cache_gib: float | str | None = None
+        """The engine's KV-cache budget per batch (GiB, ``"auto"`` or None: no limit; set by
+        :class:`SharedLM`)."""
 
         def generate_until(self, requests, disable_tqdm: bool = False):
             if not self.engine_generation:
@@ -292,7 +293,7 @@ class SharedLM:
     tasks and the hub tasks (:mod:`evals.hub_tasks`) load the weights once."""
 
     def __init__(self, spec: ModelSpec, *, batch_size: int, device: str, generation: str = "engine",
-                 engine_batch_size: int | None = None, kv_cache_gib: float | None = None):
+                 engine_batch_size: int | None = None, kv_cache_gib: float | str | None = None):
         """``engine_batch_size`` and ``kv_cache_gib``: the engine's batches when it answers the
         generation requests (default: lm-eval's ``batch_size``, which is sized for the
         log-likelihood batches' full-vocabulary logits; generation holds only a KV cache)."""

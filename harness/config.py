@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -182,10 +182,11 @@ class EngineSection(_Section):
     ``auto`` uses them where the hardware has native bf16 (AVX512-BF16/AMX or Arm's bf16 on CPUs)
     and, on a CPU, a bf16 matmul measures at least 1.25x as fast as fp32. The judge
     and lm-eval's held-out tasks always run in fp32, so scores do not move with the hardware."""
-    kv_cache_gib: float | None = Field(2.0, gt=0)
+    kv_cache_gib: Annotated[float, Field(gt=0)] | Literal["auto"] | None = "auto"
     """Memory one generation batch's KV cache may take: batches hold fewer sequences than the
-    stage's ``batch_size`` when their longest prompt plus the new-token budget would need more
-    (null: ``batch_size`` alone decides). Size it to what the device has free beside the weights."""
+    stage's ``batch_size`` when their longest prompt plus the new-token budget would need more.
+    ``auto``: half the memory free on the device once the model is loaded (GPU free memory, or
+    the host's available memory); a number: that many GiB; null: ``batch_size`` alone decides."""
     device: str = "auto"
     """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     threads: int | None = Field(None, ge=1)

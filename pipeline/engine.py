@@ -14,6 +14,7 @@ from typing import Protocol, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from pipeline import hardware
 from pipeline.decoding import decode, prefill
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,11 @@ class TransformersEngine:
     tokenizer: PreTrainedTokenizerBase
     batch_size: int = 8
     """The most sequences in one batch."""
-    kv_cache_gib: float | None = None
+    kv_cache_gib: float | str | None = None
     """Memory for one batch's KV cache: a batch holds fewer than ``batch_size`` sequences when
     its padded width (longest prompt plus the new-token budget) times its size would need more.
-    None: no limit beyond ``batch_size``."""
+    None: no limit beyond ``batch_size``; ``"auto"``: half the memory free on the model's device
+    when the engine is built (:func:`pipeline.hardware.kv_cache_budget_gib`)."""
     min_shared_prefix: int = 32
     """A batch whose prompts share at least this many leading tokens computes them once (the
     curation rubric, the judge's template); 0 turns this off."""
@@ -74,6 +76,7 @@ class TransformersEngine:
 
     def __post_init__(self) -> None:
         self.model.eval()
+        self.kv_cache_gib = hardware.kv_cache_budget_gib(self.kv_cache_gib, self.model.device)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

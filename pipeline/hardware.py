@@ -180,3 +180,52 @@ def use_bf16(setting: str) -> bool:
     if setting in ("on", "off"):
         return setting == "on"
     return bf16_choice().use
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------
+
+KV_CACHE_SHARE = 0.5
+"""``kv_cache_gib: auto`` gives one batch's KV cache this share of the memory free when the
+engine is built (weights already loaded); the rest is left for prefill activations, logits and
+whatever else the process holds."""
+KV_CACHE_FALLBACK_GIB = 2.0
+"""``auto``'s budget where free memory cannot be read."""
+
+
+def meminfo_available(text: str) -> int | None:
+    """Bytes of ``MemAvailable`` in ``/proc/meminfo`` text (None when absent)."""
+    for line in text.splitlines():
+        if line.startswith("MemAvailable:"):
+            fields = line.split()
+            return int(fields[1]) * 1024 if len(fields) >= 2 and fields[1].isdigit() else None
+    return None
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory free on ``device`` now: the GPU's free memory, or the host's available memory for a
+    CPU (Linux ``MemAvailable``; None elsewhere)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            return meminfo_available(fh.read())
+    except OSError:
+        return None
+
+
+def kv_cache_budget_gib(setting: float | str | None, device: torch.device) -> float | None:
+    """Resolve ``engine.kv_cache_gib``: a number as given, None (no limit) as given, ``auto`` as
+    :data:`KV_CACHE_SHARE` of the memory free on ``device`` now."""
+    if setting != "auto":
+        return setting
+    free = free_memory_bytes(device)
+    if free is None:
+        log.info("KV-cache budget: free memory on %s unknown, using %.1f GiB", device, KV_CACHE_FALLBACK_GIB)
+        return KV_CACHE_FALLBACK_GIB
+    budget = round(KV_CACHE_SHARE * free / 2**30, 2)
+    log.info("KV-cache budget per batch: %.2f GiB (%.0f%% of %.2f GiB free on %s)",
+             budget, 100 * KV_CACHE_SHARE, free / 2**30, device)
+    return max(budget, 0.01)

@@ -87,6 +87,15 @@ def test_batches_respect_the_kv_cache_budget(tiny_model):
     assert [c.text for c in eng.generate(CHATS, params)] == free
 
 
+def test_auto_kv_budget_is_half_the_free_memory_when_built(tiny_model, monkeypatch):
+    from pipeline import hardware
+
+    monkeypatch.setattr(hardware, "free_memory_bytes", lambda device: 6 * 2**30)
+    eng = TransformersEngine(load_model(str(tiny_model)), load_tokenizer(str(tiny_model)), kv_cache_gib="auto")
+    assert eng.kv_cache_gib == 3.0
+    assert eng.max_batch_tokens() == int(3 * 2**30 / eng.kv_bytes_per_token())
+
+
 def test_shared_prefix_computed_once_gives_the_same_results(tiny_model):
     """A long system prompt shared by every chat: computing it once per batch changes nothing."""
     system = {"role": "system", "content": "Rate the answer below carefully on the five-point scale. " * 4}

@@ -102,3 +102,32 @@ def test_this_machines_choice_is_consistent():
         assert choice.bf16_gflops > 0 and choice.fp32_gflops > 0
         assert choice.use == (choice.bf16_gflops / choice.fp32_gflops >= hardware.BF16_MIN_SPEEDUP)
     json.dumps(choice.as_dict())
+
+
+def test_meminfo_available():
+    text = "MemTotal:       24634456 kB\nMemFree:         1000000 kB\nMemAvailable:   20971520 kB\n"
+    assert hardware.meminfo_available(text) == 20 * 2**30
+    assert hardware.meminfo_available("MemTotal: 1 kB\n") is None
+
+
+def test_kv_cache_budget(monkeypatch):
+    cpu = torch.device("cpu")
+    assert hardware.kv_cache_budget_gib(3.5, cpu) == 3.5
+    assert hardware.kv_cache_budget_gib(None, cpu) is None
+    monkeypatch.setattr(hardware, "free_memory_bytes", lambda device: 12 * 2**30)
+    assert hardware.kv_cache_budget_gib("auto", cpu) == 12 * hardware.KV_CACHE_SHARE
+    monkeypatch.setattr(hardware, "free_memory_bytes", lambda device: None)
+    assert hardware.kv_cache_budget_gib("auto", cpu) == hardware.KV_CACHE_FALLBACK_GIB
+
+
+def test_free_memory_reads_the_gpu_for_a_cuda_device(monkeypatch):
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: asked.append(device) or (30 * 2**30, 80 * 2**30))
+    assert hardware.free_memory_bytes(torch.device("cuda:1")) == 30 * 2**30
+    assert asked == [torch.device("cuda:1")]
+
+
+def test_this_hosts_free_memory_is_read():
+    free = hardware.free_memory_bytes(torch.device("cpu"))
+    if __import__("os").path.exists("/proc/meminfo"):
+        assert free is not None and free > 0
