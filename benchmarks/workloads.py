@@ -306,8 +306,9 @@ class LoraTrainer:
     """A minimal, Trainer-free LoRA step on the project's own pieces.
 
     Data: ``pipeline.finetune.build_dataset`` (prompt tokens labelled -100) and transformers'
-    ``DataCollatorForSeq2Seq``, as ``finetune()`` uses them. Model: ``load_model`` in fp32 plus
-    peft LoRA configured exactly as ``finetune()`` configures it. Step: forward with
+    ``DataCollatorForSeq2Seq``, as ``finetune()`` uses them. Model:
+    :func:`pipeline.finetune.training_model`, as ``finetune()`` builds it (under bf16, the frozen
+    base in bf16 and the adapters in fp32). Step: forward with
     ``finetune()``'s loss (:func:`pipeline.finetune.target_only_loss`; under bf16 autocast when
     ``bf16``, which is what Trainer's ``bf16=True`` does on a CPU), backward,
     gradient clipping at 1.0 (Trainer's default), AdamW at a constant learning rate.
@@ -316,22 +317,17 @@ class LoraTrainer:
     """
 
     def __init__(self, model_path: str, chats: Sequence[Chat], cfg: FinetuneSection, bf16: bool, seed: int = 0):
-        from peft import LoraConfig, get_peft_model
         from transformers import DataCollatorForSeq2Seq, set_seed
 
-        from pipeline.finetune import IGNORE, _top_layers, build_dataset
-        from pipeline.models import load_model, load_tokenizer
+        from pipeline.finetune import IGNORE, build_dataset, training_model
+        from pipeline.models import load_tokenizer
 
         set_seed(seed)
         tokenizer = load_tokenizer(model_path)
         tokenizer.padding_side = "right"
         dataset, self.counts = build_dataset(chats, tokenizer, cfg.max_seq_len)
-        model = load_model(model_path, dtype=torch.float32)
-        self.base_parameters = sum(p.numel() for p in model.parameters())
-        self.model = get_peft_model(model, LoraConfig(
-            task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-            target_modules=list(cfg.lora_target_modules), layers_to_transform=_top_layers(model, cfg.lora_layers),
-        ))
+        self.model = training_model(model_path, cfg, bf16)
+        self.base_parameters = sum(p.numel() for name, p in self.model.named_parameters() if "lora_" not in name)
         self.model.train()
         self.bf16 = bf16
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE, return_tensors="pt")
