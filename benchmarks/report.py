@@ -227,7 +227,7 @@ def _ratio_lines(r: dict) -> list[str]:
         "answer_batched_vs_naive": "answer: batched engine vs naive fp32 loop",
         "augment_batched_vs_naive": "augment: batched engine vs naive fp32 loop",
         "logprob_vs_generate_curation": "curation: logprob vs generate (pairs/s)",
-        "lora_bf16_vs_fp32": "LoRA step: bf16 autocast vs fp32 (tok/s)",
+        "lora_bf16_vs_fp32": "LoRA step: bf16 (bf16 base, autocast) vs fp32 (tok/s)",
         "answer_engine_vs_llama_cpp": "answer: engine vs llama.cpp",
         "answer_engine_vs_hf_generate": "answer: engine vs transformers generate",
     }

@@ -131,7 +131,7 @@ def test_lora_step(run_timed, bench, profile, model_path, dtype):
     what = (f"Trainer-free step on pipeline.finetune.build_dataset + peft LoRA as finetune() builds it "
             f"(r={cfg.lora_r}, top {cfg.lora_layers} layers), {len(trainer.batches)} batches of "
             f"{cfg.batch_size}, max_seq_len {cfg.max_seq_len}, AdamW lr {cfg.learning_rate:g}"
-            + (", bf16 autocast" if dtype == "bf16" else ", fp32"))
+            + (", bf16 base weights, bf16 autocast" if dtype == "bf16" else ", fp32"))
     bench.add(f"lora_{dtype}", path=what, counts="tokens", dtype=dtype, rounds=rounds,
               parameters=trainer.base_parameters, extra={"losses": [round(x, 5) for x in trainer.losses]})
 
