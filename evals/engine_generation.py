@@ -13,10 +13,12 @@ What is kept from lm-eval's own path: the prompts are encoded by lm-eval's
 ``tok_batch_encode`` (its special-token rules and left truncation to ``max_length -
 max_gen_toks``), the continuation is decoded by its ``tok_decode`` and cut by its
 ``postprocess_generated_text`` at the first stop sequence (EOS included), and every answer goes
-through its cache hook. What differs: the model's ``generation_config`` (repetition penalties,
-default sampling settings) is not applied, as nowhere in the engine; a request group asking for
-anything but greedy decoding, temperature and top-p (``top_k``, penalties, beams) is answered by
-lm-eval's own ``generate_until`` instead.
+through its cache hook. The engine decodes greedily or samples with temperature and top-p,
+and nothing else; a request group that would be decoded differently by lm-eval's own
+``generate_until`` is answered by it instead: one asking for other settings (``top_k``,
+penalties, beams), one whose model's ``generation_config`` sets a logits processor the engine
+lacks (a repetition penalty, banned n-grams, ...), and every sampled group unless that config
+turns top-k off (``top_k: 0``), since transformers samples from the top 50 tokens by default.
 """
 
 from __future__ import annotations
@@ -31,6 +33,32 @@ DEFAULT_BATCH = 8
 """Rows per batch when lm-eval's batch size is not a number ("auto")."""
 SUPPORTED_KWARGS = {"do_sample", "temperature", "top_p"}
 """Generation settings the engine honours; any other key sends its group to lm-eval's path."""
+NEUTRAL_CONFIG = {
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0, "num_beams": 1,
+    "bad_words_ids": None, "forced_bos_token_id": None, "forced_eos_token_id": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "sequence_bias": None, "exponential_decay_length_penalty": None,
+}
+"""``generation_config`` fields that change even a greedy decode, with the values (or None,
+unset) under which they do nothing."""
+NEUTRAL_SAMPLING_CONFIG = {"typical_p": 1.0, "min_p": None, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+"""Fields that change sampling only, likewise."""
+DEFAULT_TOP_K = 50
+"""transformers' top-k when sampling and the generation config leaves it unset."""
+
+
+def config_differences(generation_config, sample: bool) -> list[str]:
+    """``generation_config`` settings under which transformers' ``generate`` would decode
+    differently from the engine (greedy, or sampled when ``sample``)."""
+    fields = dict(NEUTRAL_CONFIG, **(NEUTRAL_SAMPLING_CONFIG if sample else {}))
+    out = [f"{name}={value!r}" for name, neutral in fields.items()
+           if (value := getattr(generation_config, name, None)) is not None and value != neutral]
+    if sample:
+        top_k = getattr(generation_config, "top_k", None)
+        top_k = DEFAULT_TOP_K if top_k is None else top_k
+        if top_k:
+            out.append(f"top_k={top_k!r}")
+    return out
 
 
 def _group_key(gen_kwargs: dict[str, Any]) -> str:
@@ -62,13 +90,14 @@ def engine_generate_until(lm, requests: Sequence[Any], fallback, seed: int = 0) 
         kwargs = normalize_gen_kwargs(dict(gen_kwargs), lm.max_gen_toks)
         until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
         max_gen_toks = kwargs.pop("max_gen_toks")
+        sample = bool(kwargs.get("do_sample")) and float(kwargs.get("temperature") or 0.0) > 0
         unsupported = sorted(set(kwargs) - SUPPORTED_KWARGS)
+        unsupported += config_differences(getattr(lm.model, "generation_config", None), sample)
         if unsupported:
             log.info("held-out generation: %d requests with %s go through lm-eval's generate", len(indices), unsupported)
             for i, answer in zip(indices, fallback([requests[i] for i in indices])):
                 answers[i] = answer
             continue
-        sample = bool(kwargs.get("do_sample")) and float(kwargs.get("temperature") or 0.0) > 0
         params = SamplingParams(
             max_new_tokens=max_gen_toks,
             temperature=float(kwargs["temperature"]) if sample else 0.0,

@@ -70,7 +70,15 @@ def test_answers_reach_lm_evals_cache_hook_in_order(models, monkeypatch):
 
 def test_unsupported_settings_go_through_lm_evals_generate(models, monkeypatch):
     lm = models["engine"]
-    handed_back = []
+    handed_back = _spy_fallback(lm, monkeypatch)
+    plain = {"until": [], "max_gen_toks": 4, "do_sample": False}
+    beams = {"until": [], "max_gen_toks": 4, "do_sample": False, "num_beams": 2}
+    answers = lm.generate_until(requests([plain, beams, plain, beams, plain]))
+    assert handed_back == [2] and len(answers) == len(PROMPTS) and all(isinstance(a, str) for a in answers)
+
+
+def _spy_fallback(lm, monkeypatch) -> list[int]:
+    handed_back: list[int] = []
     parent = type(lm).__mro__[1]
     real = parent.generate_until
 
@@ -79,10 +87,47 @@ def test_unsupported_settings_go_through_lm_evals_generate(models, monkeypatch):
         return real(self, reqs, disable_tqdm)
 
     monkeypatch.setattr(parent, "generate_until", spy)
-    plain = {"until": [], "max_gen_toks": 4, "do_sample": False}
-    beams = {"until": [], "max_gen_toks": 4, "do_sample": False, "num_beams": 2}
-    answers = lm.generate_until(requests([plain, beams, plain, beams, plain]))
-    assert handed_back == [2] and len(answers) == len(PROMPTS) and all(isinstance(a, str) for a in answers)
+    return handed_back
+
+
+def test_a_generation_config_penalty_sends_requests_to_lm_eval(models, monkeypatch):
+    """A repetition penalty in the model's generation config would change lm-eval's own greedy
+    answers; the engine has none, so those requests are lm-eval's, with the same answers."""
+    lm = models["engine"]
+    greedy = [{"until": [], "max_gen_toks": 12, "do_sample": False}] * len(PROMPTS)
+    unpenalized = models["lm_eval"].generate_until(requests(greedy))
+    handed_back = _spy_fallback(lm, monkeypatch)
+    monkeypatch.setattr(lm.model.generation_config, "repetition_penalty", 1.5)
+    ours = lm.generate_until(requests(greedy))
+    assert handed_back == [len(PROMPTS)]
+    monkeypatch.setattr(models["lm_eval"].model.generation_config, "repetition_penalty", 1.5)
+    assert ours == models["lm_eval"].generate_until(requests(greedy)) != unpenalized
+
+
+def test_sampled_requests_stay_with_the_engine_only_without_top_k(models, monkeypatch):
+    lm = models["engine"]
+    handed_back = _spy_fallback(lm, monkeypatch)
+    sampled = [{"until": [], "max_gen_toks": 4, "do_sample": True, "temperature": 0.7}] * len(PROMPTS)
+    lm.generate_until(requests(sampled))
+    assert handed_back == [len(PROMPTS)]  # transformers would sample from the top 50
+    monkeypatch.setattr(lm.model.generation_config, "top_k", 0)
+    answers = lm.generate_until(requests(sampled))
+    assert handed_back == [len(PROMPTS)] and len(answers) == len(PROMPTS)
+
+
+def test_config_differences():
+    from transformers import GenerationConfig
+
+    from evals.engine_generation import config_differences
+
+    assert config_differences(GenerationConfig(), sample=False) == []
+    assert config_differences(GenerationConfig(), sample=True) == ["top_k=50"]
+    assert config_differences(GenerationConfig(top_k=0, top_p=0.9, temperature=0.6), sample=True) == []
+    tuned = GenerationConfig(repetition_penalty=1.05, top_k=20, min_p=0.05, no_repeat_ngram_size=1)
+    assert config_differences(tuned, sample=False) == ["repetition_penalty=1.05", "no_repeat_ngram_size=1"]
+    assert config_differences(tuned, sample=True) == ["repetition_penalty=1.05", "no_repeat_ngram_size=1",
+                                                      "min_p=0.05", "top_k=20"]
+    assert config_differences(None, sample=False) == []
 
 
 def test_generation_choice_enters_settings_only_for_the_engine(shared_data):
