@@ -123,8 +123,10 @@ class TrainSection(_Section):
     """Adapt only the top N transformer layers (None: all). Backpropagation then stops at the
     lowest adapted layer, which roughly halves the cost of a step on a CPU."""
     bf16: Literal["auto", "on", "off"] = "auto"
-    """bf16 autocast; ``auto`` enables it where the GPU or CPU has native bf16 and, on a CPU, a
-    bf16 matmul measures at least 1.25x as fast as fp32 (``env.json`` records the figures)."""
+    """bf16 training: autocast, and for LoRA the frozen base held in bf16 (adapters and full
+    fine-tuning's weights stay fp32). ``auto`` enables it where the GPU or CPU has native bf16
+    and, on a CPU, a bf16 matmul measures at least 1.25x as fast as fp32 (``env.json`` records
+    the figures)."""
     group_by_length: bool = True
     save_steps: int = 0
     """Write a resumable trainer checkpoint every N optimizer steps (0: none)."""
