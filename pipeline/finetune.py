@@ -211,7 +211,7 @@ def training_model(base: str, cfg: TrainSection, bf16: bool):
 
     Under bf16 a LoRA base is loaded in bf16: its weights never change, so an fp32 copy would
     only cost twice the memory (a 7B base: 28 instead of 14 GB) and a cast of every weight at
-    every step. Loss curves on the benchmark's LoRA rounds stayed within 0.5% of fp32 either way.
+    every step. Loss curves on the benchmark's LoRA rounds stayed within 0.52% of fp32 either way.
     On a CPU the adapters' dropout draws its masks four elements per random number
     (:mod:`pipeline.dropout`).
     """

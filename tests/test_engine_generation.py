@@ -68,15 +68,6 @@ def test_answers_reach_lm_evals_cache_hook_in_order(models, monkeypatch):
     assert {c[1][0]: c[2] for c in recorder.calls} == dict(zip(PROMPTS, answers))
 
 
-def test_unsupported_settings_go_through_lm_evals_generate(models, monkeypatch):
-    lm = models["engine"]
-    handed_back = _spy_fallback(lm, monkeypatch)
-    plain = {"until": [], "max_gen_toks": 4, "do_sample": False}
-    beams = {"until": [], "max_gen_toks": 4, "do_sample": False, "num_beams": 2}
-    answers = lm.generate_until(requests([plain, beams, plain, beams, plain]))
-    assert handed_back == [2] and len(answers) == len(PROMPTS) and all(isinstance(a, str) for a in answers)
-
-
 def _spy_fallback(lm, monkeypatch) -> list[int]:
     handed_back: list[int] = []
     parent = type(lm).__mro__[1]
@@ -88,6 +79,15 @@ def _spy_fallback(lm, monkeypatch) -> list[int]:
 
     monkeypatch.setattr(parent, "generate_until", spy)
     return handed_back
+
+
+def test_unsupported_settings_go_through_lm_evals_generate(models, monkeypatch):
+    lm = models["engine"]
+    handed_back = _spy_fallback(lm, monkeypatch)
+    plain = {"until": [], "max_gen_toks": 4, "do_sample": False}
+    beams = {"until": [], "max_gen_toks": 4, "do_sample": False, "num_beams": 2}
+    answers = lm.generate_until(requests([plain, beams, plain, beams, plain]))
+    assert handed_back == [2] and len(answers) == len(PROMPTS) and all(isinstance(a, str) for a in answers)
 
 
 def test_a_generation_config_penalty_sends_requests_to_lm_eval(models, monkeypatch):
