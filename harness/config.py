@@ -193,7 +193,8 @@ class EngineSection(_Section):
     """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     threads: int | None = Field(None, ge=1)
     """torch intra-op threads. Default: torch's choice (one per core it sees), lowered to the
-    CPUs this process may use (its affinity mask and cgroup CPU quota, e.g. ``docker --cpus``)."""
+    CPUs this process may use: its affinity mask and the tightest cgroup CPU quota of its cgroup
+    and those above it (``docker --cpus``, a systemd slice, a batch job)."""
 
 
 class EvalSection(_Section):

@@ -32,6 +32,7 @@ BF16_MIN_SPEEDUP = 1.25
 PROBE_SIZE = 1024
 """Square matmul size of the bf16 probe (a few milliseconds each on a 2-core CPU)."""
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -39,26 +40,68 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 # ---------------------------------------------------------------------------------------------
 
 
-def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> int | None:
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT, membership: Path = PROC_CGROUP) -> int | None:
     """CPUs the cgroup quota allows this process (rounded down, at least 1), or None when no
-    quota is set. Reads cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``."""
-    quota = period = None
-    v2 = root / "cpu.max"
-    if v2.is_file():
-        fields = v2.read_text().split()
-        if len(fields) == 2 and fields[0] != "max":
-            quota, period = float(fields[0]), float(fields[1])
+    quota is set. Reads cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``
+    in the process's own cgroup (from ``membership``, ``/proc/self/cgroup``) and in each cgroup
+    above it: a quota on a parent (a systemd slice, a batch job's cgroup) binds its children, so
+    the tightest one counts. Inside a container with its own cgroup namespace the process's
+    cgroup is the mount's root, which is read too."""
+    paths = _cgroup_paths(membership)
+    v2 = (root / "cgroup.controllers").is_file() or (root / "cpu.max").is_file()
+    if v2:
+        quotas = [_v2_quota(d) for d in _chain(root, paths.get("", "/"))]
     else:
-        for sub in ("cpu", "cpu,cpuacct"):
-            q, p = root / sub / "cpu.cfs_quota_us", root / sub / "cpu.cfs_period_us"
-            if q.is_file() and p.is_file():
-                quota, period = float(q.read_text()), float(p.read_text())
-                if quota <= 0:  # -1: unlimited
-                    quota = None
-                break
-    if quota is None or not period:
+        base = next((root / sub for sub in ("cpu", "cpu,cpuacct") if (root / sub).is_dir()), None)
+        quotas = [_v1_quota(d) for d in _chain(base, paths.get("cpu", "/"))] if base else []
+    limits = [max(1, math.floor(q)) for q in quotas if q is not None]
+    return min(limits) if limits else None
+
+
+def _cgroup_paths(membership: Path) -> dict[str, str]:
+    """Controller name -> this process's cgroup path, from ``/proc/self/cgroup`` lines
+    ``id:controllers:path``; the v2 hierarchy (``0::path``) is under the key ``""``."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return {}
+    paths: dict[str, str] = {}
+    for line in lines:
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        for controller in fields[1].split(",") if fields[1] else [""]:
+            paths[controller] = fields[2]
+    return paths
+
+
+def _chain(base: Path, path: str) -> list[Path]:
+    """``base/path`` and every directory above it up to ``base``, those that exist. A path that
+    is not under this mount (a container without its own cgroup namespace sees the host's path,
+    while its mount is its own cgroup) leaves just ``base``."""
+    parts = [p for p in path.strip("/").split("/") if p and p not in (".", "..")]
+    dirs = [base.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
+    return [d for d in dirs if d.is_dir()]
+
+
+def _v2_quota(cgroup: Path) -> float | None:
+    """CPUs allowed by a v2 cgroup's ``cpu.max`` (``max`` or absent: None)."""
+    f = cgroup / "cpu.max"
+    if not f.is_file():
         return None
-    return max(1, math.floor(quota / period))
+    fields = f.read_text().split()
+    if len(fields) != 2 or fields[0] == "max" or float(fields[1]) <= 0:
+        return None
+    return float(fields[0]) / float(fields[1])
+
+
+def _v1_quota(cgroup: Path) -> float | None:
+    """CPUs allowed by a v1 cgroup's CFS quota (-1 or absent: None)."""
+    q, p = cgroup / "cpu.cfs_quota_us", cgroup / "cpu.cfs_period_us"
+    if not (q.is_file() and p.is_file()):
+        return None
+    quota, period = float(q.read_text()), float(p.read_text())
+    return quota / period if quota > 0 and period > 0 else None
 
 
 def cpu_budget(root: Path = CGROUP_ROOT) -> int:

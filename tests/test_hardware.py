@@ -39,6 +39,52 @@ def test_cgroup_v1_quota(tmp_path):
     assert hardware.cgroup_cpu_limit(tmp_path) == 3
 
 
+def _membership(tmp_path, text):
+    path = tmp_path / "proc_self_cgroup"
+    path.write_text(text)
+    return path
+
+
+def test_cgroup_v2_quota_of_a_nested_cgroup_and_its_parents(tmp_path):
+    root = tmp_path / "fs"
+    job = root / "batch.slice" / "job-7"
+    job.mkdir(parents=True)
+    (root / "cgroup.controllers").write_text("cpu memory\n")
+    membership = _membership(tmp_path, "0::/batch.slice/job-7\n")
+    assert hardware.cgroup_cpu_limit(root, membership) is None
+    (job / "cpu.max").write_text("800000 100000\n")
+    assert hardware.cgroup_cpu_limit(root, membership) == 8
+    # A parent's quota binds its children: the tightest on the way up counts.
+    (root / "batch.slice" / "cpu.max").write_text("300000 100000\n")
+    assert hardware.cgroup_cpu_limit(root, membership) == 3
+    (job / "cpu.max").write_text("200000 100000\n")
+    assert hardware.cgroup_cpu_limit(root, membership) == 2
+    # Another process's cgroup is not this one's.
+    other = _membership(tmp_path, "0::/user.slice\n")
+    assert hardware.cgroup_cpu_limit(root, other) is None
+
+
+def test_cgroup_path_outside_the_mount_reads_the_mount_root(tmp_path):
+    """A container without its own cgroup namespace sees the host's path for its cgroup, while
+    /sys/fs/cgroup is its own cgroup: the quota is at the mount's root."""
+    (tmp_path / "cpu.max").write_text("100000 100000\n")
+    membership = _membership(tmp_path, "0::/system.slice/docker-1234.scope\n")
+    assert hardware.cgroup_cpu_limit(tmp_path, membership) == 1
+
+
+def test_cgroup_v1_quota_of_a_nested_cgroup(tmp_path):
+    base = tmp_path / "cpu,cpuacct"
+    job = base / "slurm" / "job_12"
+    job.mkdir(parents=True)
+    for d, quota in ((base, "-1"), (base / "slurm", "-1"), (job, "400000")):
+        (d / "cpu.cfs_period_us").write_text("100000\n")
+        (d / "cpu.cfs_quota_us").write_text(quota + "\n")
+    membership = _membership(tmp_path, "12:memory:/slurm/job_12\n4:cpu,cpuacct:/slurm/job_12\n0::/\n")
+    assert hardware.cgroup_cpu_limit(tmp_path, membership) == 4
+    unreadable = tmp_path / "missing"
+    assert hardware.cgroup_cpu_limit(tmp_path, unreadable) is None  # the mount root alone: no quota
+
+
 def test_no_cgroup_files_means_no_limit(tmp_path):
     assert hardware.cgroup_cpu_limit(tmp_path) is None
     assert hardware.cpu_budget(tmp_path) == len(__import__("os").sched_getaffinity(0))
