@@ -9,12 +9,13 @@ STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= configs/demo.yaml
 ARGS   ?=
 
-.PHONY: help setup test test-fast iterate-and-eval bench bench-check bench-baseline mlflow-ui clean clean-runs
+.PHONY: help setup test test-fast test-gpu iterate-and-eval bench bench-check bench-baseline mlflow-ui clean clean-runs
 
 help:
 	@echo "make iterate-and-eval   run the demo loop (CONFIG=$(CONFIG), extra overrides in ARGS='key=value ...')"
 	@echo "make test               run the test suite (offline, CPU)"
 	@echo "make test-fast          tests without the end-to-end runs"
+	@echo "make test-gpu           only the GPU tests (tests/test_cuda.py); they skip without a CUDA device"
 	@echo "make setup              create $(VENV) and install everything"
 	@echo "make bench              throughput benchmarks on SmolLM2-135M (table + JSON in benchmarks/results/); builds llama-cpp-python once for the llama.cpp reference"
 	@echo "make bench-check        short benchmark run, fails below the committed baseline's tolerance"
@@ -39,6 +40,9 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow"
+
+test-gpu: $(STAMP)
+	$(VENV)/bin/pytest -q -rs -m cuda
 
 iterate-and-eval: $(STAMP)
 	$(VENV)/bin/humpback iterate --config $(CONFIG) $(ARGS)
