@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import pandas as pd
+import torch
 
 from evals import sources
 from evals.sources import REFERENCES  # noqa: F401 (re-exported: the named references)
@@ -391,12 +392,15 @@ class Judge:
         model: the judge model for local configs: a directory, ``.gguf`` file or
             ``pkg:<distribution>/<file>`` (see :func:`pipeline.models.resolve_base`).
         batch_size: forward-pass batch size of the judge engine.
+        device: where the judge model runs (``cpu``, ``cuda``, ``cuda:N``); it always runs in fp32,
+            so its judgments do not move with the hardware's preferred dtype.
         engine: an engine already built, used instead of loading ``model``.
     """
 
     annotators_config: str = LOCAL_JUDGE
     model: str | None = None
     batch_size: int = 4
+    device: str = "cpu"
     engine: Engine | None = None
     _resolved: str | None = field(default=None, init=False, repr=False)
 
@@ -439,7 +443,8 @@ class Judge:
         if self.engine is None:
             path = self.resolved_model()
             log.info("loading judge model %s", path)
-            self.engine = TransformersEngine(load_model(path), load_tokenizer(path), batch_size=self.batch_size)
+            model = load_model(path, dtype=torch.float32).to(self.device)
+            self.engine = TransformersEngine(model, load_tokenizer(path), batch_size=self.batch_size)
         return self.engine
 
     def config_digest(self) -> str:

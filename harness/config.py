@@ -190,7 +190,8 @@ class EngineSection(_Section):
     ``auto``: half the memory free on the device once the model is loaded (GPU free memory, or
     the host's available memory); a number: that many GiB; null: ``batch_size`` alone decides."""
     device: str = "auto"
-    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``: where every model
+    runs, the local AlpacaEval judge and lm-eval's held-out tasks included."""
     threads: int | None = Field(None, ge=1)
     """torch intra-op threads. Default: torch's choice (one per core it sees), lowered to the
     CPUs this process may use: its affinity mask and the tightest cgroup CPU quota of its cgroup

@@ -18,8 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from harness import stages
 from harness.config import RunConfig, settings_digest
 from harness.rundir import RunDir, StageContext, StageResult, release_memory, write_json_atomic
@@ -87,7 +85,7 @@ def check_judge_stage(run: RunDir, cfg: RunConfig) -> StageResult:
 
     def fn(ctx: StageContext) -> dict[str, Any]:
         instructions = _instruction_set(cfg, None)
-        judge = alpaca.Judge(ev.judge, _judge_model(cfg), batch_size=ev.batch_size)
+        judge = alpaca.Judge(ev.judge, _judge_model(cfg), batch_size=ev.batch_size, device=stages.engine_device(cfg))
         result = alpaca.check_judge(judge, instructions.reference, n=ev.judge_check_pairs, seed=ev.seed,
                                     min_accuracy=ev.min_judge_accuracy, out_dir=ctx.work)
         # Timings go to logs/ (outside the output digest): evaluations depend on this stage.
@@ -143,7 +141,7 @@ def _alpaca_metrics(cfg, prefix, model_path, out_dir: Path, cache: Path, check: 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "model_outputs.jsonl", outputs)
     del engine  # free the model before the judge loads
-    judge = alpaca.Judge(ev.judge, _judge_model(cfg), batch_size=ev.batch_size)
+    judge = alpaca.Judge(ev.judge, _judge_model(cfg), batch_size=ev.batch_size, device=stages.engine_device(cfg))
     result = alpaca.score_alpaca_eval(outputs, instructions, out_dir, judge=judge, cache_dir=cache,
                                       lc_data_dir=ev.alpaca_lc_data_dir, lc_download=ev.alpaca_lc_download,
                                       lc_glm=ev.alpaca_lc_glm)
@@ -177,7 +175,7 @@ def _heldout_metrics(cfg, model_path: str, work: Path, settings: dict) -> dict:
     ev = cfg.eval
     if not ev.heldout_tasks and not ev.heldout_hub_tasks:
         return {}
-    device = cfg.engine.device if cfg.engine.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = stages.engine_device(cfg)
     plan = None
     if ev.heldout_hub_tasks:
         plan = hub_tasks.prepare_hub_tasks(ev.heldout_hub_tasks, limit=ev.heldout_limit, seed=ev.seed,

@@ -1,4 +1,4 @@
-"""The GPU branches: engine on CUDA, the KV budget read from the GPU, LoRA training on CUDA.
+"""The GPU branches: engine and judge on CUDA, the KV budget read from the GPU, LoRA training on CUDA.
 
 Skipped where torch sees no CUDA device (this project's CI machine has none); ``make test-gpu``
 runs just these on a machine that has one. Everything here uses the tiny test model.
@@ -80,6 +80,14 @@ def test_make_engine_puts_the_model_on_the_gpu_in_bf16_when_supported(tiny_model
     want = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     assert next(engine.model.parameters()).dtype == want
     assert hardware.bf16_choice().use == torch.cuda.is_bf16_supported()
+
+
+def test_local_judge_runs_on_the_gpu_in_fp32(tiny_model):
+    from evals import alpaca
+
+    engine = alpaca.Judge(alpaca.LOCAL_JUDGE, str(tiny_model), device="cuda").get_engine()
+    assert engine.model.device.type == "cuda"
+    assert {p.dtype for p in engine.model.parameters()} == {torch.float32}
 
 
 def test_lora_model_for_cuda_keeps_torch_dropout_and_a_bf16_base(tiny_model):

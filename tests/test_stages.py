@@ -39,3 +39,48 @@ def test_missing_eval_data_fails_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "nowhere" in err and "eval.enabled=false" in err
     assert not (tmp_path / "run" / "seed").exists()
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_engine_loads_a_plain_model_in_its_dtype_and_merges_an_adapter_in_fp32(tiny_model, tmp_path, monkeypatch):
+    """With bf16 on, a plain model is read straight into bf16 (never held in fp32), an adapter is
+    merged into its fp32 base first; either way the weights equal fp32 weights rounded once."""
+    import torch
+
+    from harness import stages
+    from harness.config import TrainSection
+    from pipeline.finetune import finetune
+    from pipeline.models import load_model
+
+    chats = [[{"role": "user", "content": f"What is {i} plus {i}?"},
+              {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}] for i in range(8)]
+    adapter = tmp_path / "adapter"
+    finetune(str(tiny_model), chats, TrainSection(max_steps=2, batch_size=4, learning_rate=5e-2, bf16="off",
+                                                  lora_target_modules=["q_proj", "v_proj"]),
+             adapter, tmp_path / "scratch", seed=0)
+    loaded = []
+    real = stages.load_model
+    monkeypatch.setattr(stages, "load_model", lambda path, **kw: loaded.append(kw.get("dtype")) or real(path, **kw))
+    cfg = load_config(None, ["engine.bf16=on", "engine.device=cpu"])
+    for path in (tiny_model, adapter):
+        engine = stages.make_engine(str(path), cfg, batch_size=2)
+        want = {k: v.to(torch.bfloat16) for k, v in _weights(load_model(str(path), dtype=torch.float32)).items()}
+        got = _weights(engine.model)
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert loaded == [torch.bfloat16, torch.float32]
+    # The adapter changed the weights: the merge is not a no-op that would pass the check trivially.
+    base, merged = _weights(load_model(str(tiny_model))), _weights(load_model(str(adapter)))
+    assert any(not torch.equal(base[k], merged[k]) for k in base)
+
+
+def test_engine_device_resolves_auto():
+    import torch
+
+    from harness import stages
+
+    assert stages.engine_device(load_config(None, ["engine.device=auto"])) == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert stages.engine_device(load_config(None, ["engine.device=cuda:1"])) == "cuda:1"
