@@ -188,8 +188,8 @@ def machine_info() -> dict:
     return {
         "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
-        "bf16_supported": bf16_native(),
-        "bf16_auto": bf16_choice().as_dict(),
+        "bf16_supported": bf16_native("cpu"),
+        "bf16_auto": bf16_choice("cpu").as_dict(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

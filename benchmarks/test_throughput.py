@@ -119,7 +119,7 @@ def test_curate(run_timed, bench, profile, engine, mode):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_lora_step(run_timed, bench, profile, model_path, dtype):
-    if dtype == "bf16" and not bf16_native():
+    if dtype == "bf16" and not bf16_native("cpu"):
         bench.unavailable["lora_bf16"] = "this CPU has no bf16 instructions"
         pytest.skip("no bf16 on this CPU")
     cfg = demo_finetune_section(profile)

@@ -171,10 +171,11 @@ def training_chats(profile: Profile) -> list[Chat]:
 
 def project_engine(model_path: str, batch_size: int) -> TransformersEngine:
     """The engine exactly as the pipeline's stages build it (``make_engine`` with default engine
-    settings: weights cast to bf16 where the CPU supports it)."""
+    settings: bf16 weights where the CPU supports it), on the CPU even where a GPU is present:
+    the peaks, MFU, references and baseline are all CPU figures."""
     from harness.stages import make_engine
 
-    return make_engine(model_path, RunConfig(), batch_size)
+    return make_engine(model_path, RunConfig.model_validate({"engine": {"device": "cpu"}}), batch_size)
 
 
 def derived_engine(engine: TransformersEngine, batch_size: int | None = None, model=None) -> TransformersEngine:

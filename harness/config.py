@@ -180,10 +180,11 @@ class BackwardSection(TrainSection):
 
 class EngineSection(_Section):
     bf16: Literal["auto", "on", "off"] = "auto"
-    """bf16 weights for generation and scoring (the model is cast once when an engine is built);
-    ``auto`` uses them where the hardware has native bf16 (AVX512-BF16/AMX or Arm's bf16 on CPUs)
-    and, on a CPU, a bf16 matmul measures at least 1.25x as fast as fp32. The judge
-    and lm-eval's held-out tasks always run in fp32, so scores do not move with the hardware."""
+    """bf16 weights for generation and scoring (loaded or cast once when an engine is built);
+    ``auto`` uses them where the device the engine runs on (``device``) has native bf16
+    (AVX512-BF16/AMX or Arm's bf16 on CPUs, a bf16 GPU) and, on a CPU, a bf16 matmul measures at
+    least 1.25x as fast as fp32. The judge and lm-eval's held-out tasks always run in fp32, so
+    scores do not move with the hardware."""
     kv_cache_gib: Annotated[float, Field(gt=0)] | Literal["auto"] | None = "auto"
     """Memory one generation batch's KV cache may take: batches hold fewer sequences than the
     stage's ``batch_size`` when their longest prompt plus the new-token budget would need more.

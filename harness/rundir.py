@@ -316,7 +316,7 @@ class RunDir:
 
             env["torch_threads"] = torch.get_num_threads()
             env["cpu_budget"] = hardware.cpu_budget()
-            env["bf16_auto"] = hardware.bf16_choice().as_dict()
+            env["bf16_auto"] = {"device": hardware.default_device_type(), **hardware.bf16_choice().as_dict()}
             env["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
         except Exception:  # noqa: BLE001 - env capture must never fail a run
             pass

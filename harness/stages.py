@@ -74,7 +74,7 @@ def engine_device(cfg: RunConfig) -> str:
 
 def engine_bf16(cfg: RunConfig) -> bool:
     """Whether generation and scoring run with bf16 weights (``engine.bf16``)."""
-    return hardware.use_bf16(cfg.engine.bf16)
+    return hardware.use_bf16(cfg.engine.bf16, torch.device(engine_device(cfg)).type)
 
 
 def model_path(result: StageResult) -> str:

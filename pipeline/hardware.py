@@ -149,10 +149,16 @@ def cpuinfo_declares_bf16(cpuinfo: str) -> bool:
     return False
 
 
-def bf16_native() -> bool:
-    """Whether the default device declares native bf16 arithmetic."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+def default_device_type() -> str:
+    """Where models run unless told otherwise: ``cuda`` when torch sees a GPU, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def bf16_native(device_type: str | None = None) -> bool:
+    """Whether a device type (``cpu``, ``cuda``; default :func:`default_device_type`) declares
+    native bf16 arithmetic."""
+    if (device_type or default_device_type()) == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
             return cpuinfo_declares_bf16(fh.read())
@@ -204,25 +210,32 @@ def decide_bf16(native: bool, bf16_gflops: float | None = None, fp32_gflops: flo
     return Bf16Choice(True, figures, bf16_gflops, fp32_gflops)
 
 
-@lru_cache(maxsize=1)
-def bf16_choice() -> Bf16Choice:
-    """``auto``'s decision for this process (a GPU is not probed; a CPU is, once: ~0.1 s)."""
-    native = bf16_native()
-    if torch.cuda.is_available() or not native:
+def bf16_choice(device_type: str | None = None) -> Bf16Choice:
+    """``auto``'s decision for a device type (default :func:`default_device_type`), made once per
+    process and type: a GPU is not probed, a CPU is (~0.1 s). A CPU engine on a GPU machine is
+    decided by the CPU's own bf16, not the GPU's."""
+    return _bf16_choice(device_type or default_device_type())
+
+
+@lru_cache(maxsize=None)
+def _bf16_choice(device_type: str) -> Bf16Choice:
+    native = bf16_native(device_type)
+    if device_type != "cpu" or not native:
         choice = decide_bf16(native)
     else:
         bf16 = statistics.median(matmul_gflops(torch.bfloat16, PROBE_SIZE, repeats=5))
         fp32 = statistics.median(matmul_gflops(torch.float32, PROBE_SIZE, repeats=5))
         choice = decide_bf16(True, round(bf16, 1), round(fp32, 1))
-    log.info("bf16 %s: %s", "on" if choice.use else "off", choice.reason)
+    log.info("bf16 on %s %s: %s", device_type, "on" if choice.use else "off", choice.reason)
     return choice
 
 
-def use_bf16(setting: str) -> bool:
-    """Resolve an ``on`` / ``off`` / ``auto`` bf16 setting."""
+def use_bf16(setting: str, device_type: str | None = None) -> bool:
+    """Resolve an ``on`` / ``off`` / ``auto`` bf16 setting for a device type (default
+    :func:`default_device_type`)."""
     if setting in ("on", "off"):
         return setting == "on"
-    return bf16_choice().use
+    return bf16_choice(device_type).use
 
 
 # ---------------------------------------------------------------------------------------------

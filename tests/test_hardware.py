@@ -123,7 +123,7 @@ def test_bf16_rule():
 
 
 def test_settings_on_and_off_skip_the_probe(monkeypatch):
-    def boom():
+    def boom(device_type=None):
         raise AssertionError("probed")
 
     monkeypatch.setattr(hardware, "bf16_choice", boom)
@@ -134,10 +134,42 @@ def test_settings_on_and_off_skip_the_probe(monkeypatch):
 
 
 def test_auto_follows_the_measured_choice(monkeypatch):
-    monkeypatch.setattr(hardware, "bf16_choice", lambda: hardware.decide_bf16(True, 110.0, 100.0))
+    monkeypatch.setattr(hardware, "bf16_choice", lambda device_type=None: hardware.decide_bf16(True, 110.0, 100.0))
     assert hardware.use_bf16("auto") is False
-    monkeypatch.setattr(hardware, "bf16_choice", lambda: hardware.decide_bf16(True, 300.0, 100.0))
+    monkeypatch.setattr(hardware, "bf16_choice", lambda device_type=None: hardware.decide_bf16(True, 300.0, 100.0))
     assert hardware.use_bf16("auto") is True
+
+
+@pytest.fixture
+def fresh_bf16_choice():
+    hardware._bf16_choice.cache_clear()
+    yield
+    hardware._bf16_choice.cache_clear()
+
+
+def test_a_cpu_engine_on_a_gpu_machine_is_decided_by_the_cpu(monkeypatch, fresh_bf16_choice):
+    """A bf16 GPU must not turn bf16 on for a model that runs on a CPU whose bf16 is slow."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(hardware, "bf16_native", lambda device_type=None: True)
+    speeds = {torch.bfloat16: [110.0] * 5, torch.float32: [100.0] * 5}
+    monkeypatch.setattr(hardware, "matmul_gflops", lambda dtype, size, repeats: speeds[dtype])
+    assert hardware.default_device_type() == "cuda"
+    assert hardware.use_bf16("auto") is True  # the GPU: declared support, not probed
+    cpu = hardware.bf16_choice("cpu")
+    assert not cpu.use and cpu.bf16_gflops == 110.0 and "1.10x" in cpu.reason
+    assert hardware.use_bf16("auto", "cpu") is False
+
+
+def test_engine_bf16_asks_about_the_engines_device(monkeypatch):
+    from harness import stages
+    from harness.config import load_config
+
+    asked = []
+    monkeypatch.setattr(hardware, "use_bf16", lambda setting, device_type=None: asked.append(device_type) or False)
+    stages.engine_bf16(load_config(None, ["engine.device=cpu"]))
+    stages.engine_bf16(load_config(None, ["engine.device=cuda:1"]))
+    assert asked == ["cpu", "cuda"]
 
 
 def test_this_machines_choice_is_consistent():
