@@ -401,20 +401,27 @@ def peak_memory(stages: list[tuple[str, dict[str, Any]]]) -> str | None:
     if not peaks:
         return None
     peak, name = max(peaks, key=lambda p: p[0])
-    return f"{peak / 1024:.2f} GiB ({name})"
+    text = f"{peak / 1024:.2f} GiB ({name})"
+    gpu = [(m["gpu_peak_mib"], name) for name, m in stages if _is_number(m.get("gpu_peak_mib"))]
+    if gpu:
+        gpu_peak, gpu_name = max(gpu, key=lambda p: p[0])
+        text += f"; GPU {gpu_peak / 1024:.2f} GiB ({gpu_name})"
+    return text
 
 
 def stage_table(stages: list[tuple[str, dict[str, Any]]]) -> Table:
-    """Each stage's seconds, and its memory peak, at start and after, in GiB; "–" where a
-    manifest predates a field."""
+    """Each stage's seconds, and its memory peak, at start and after, in GiB, plus its GPU peak
+    where any stage used a GPU; "–" where a manifest predates a field."""
 
     def gib(value: Any) -> str:
         return f"{value / 1024:.2f}" if _is_number(value) else "–"
 
+    gpu = any(_is_number(m.get("gpu_peak_mib")) for _, m in stages)
     rows = [[name, f"{m['seconds']:.1f}" if _is_number(m.get("seconds")) else "–",
              gib(m.get("peak_rss_mib")), gib(m.get("rss_start_mib")), gib(m.get("rss_end_mib"))]
+            + ([gib(m.get("gpu_peak_mib"))] if gpu else [])
             for name, m in stages]
-    return ["stage", "seconds", "peak GiB", "at start GiB", "after GiB"], rows
+    return ["stage", "seconds", "peak GiB", "at start GiB", "after GiB"] + (["GPU peak GiB"] if gpu else []), rows
 
 
 def _md_table(table: Table) -> list[str]:

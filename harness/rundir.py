@@ -173,9 +173,48 @@ def _malloc_trim():
 
 def release_memory() -> None:
     """Hand memory the last step freed back to the operating system: collect reference cycles
-    (a model caught in one stays alive until the collector runs), then :func:`trim_heap`."""
+    (a model caught in one stays alive until the collector runs), then :func:`trim_heap`, and
+    return the GPU blocks torch's allocator keeps cached (:func:`release_gpu_cache`)."""
     gc.collect()
     trim_heap()
+    release_gpu_cache(collect=False)
+
+
+def _cuda():
+    """``torch.cuda`` where torch is already imported and has started CUDA in this process, else
+    None: the run directory never imports torch or starts a GPU context itself."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda
+
+
+def release_gpu_cache(collect: bool = True) -> None:
+    """Give the GPU memory that torch's caching allocator holds but no tensor uses back to the
+    device, so that the next stage (another model, lm-eval, the Trainer) and the KV budget's
+    free-memory reading see it. ``collect``: run the garbage collector first (tensors held by
+    reference cycles are only freed then)."""
+    cuda = _cuda()
+    if cuda is None:
+        return
+    if collect:
+        gc.collect()
+    cuda.empty_cache()
+
+
+def reset_gpu_peak() -> None:
+    cuda = _cuda()
+    if cuda is not None:
+        cuda.reset_peak_memory_stats()
+
+
+def gpu_peak_mib() -> float | None:
+    """Most GPU memory torch's allocator reserved (current device) since :func:`reset_gpu_peak`,
+    in MiB; None where CUDA has not been used."""
+    cuda = _cuda()
+    if cuda is None:
+        return None
+    return round(cuda.max_memory_reserved() / 2**20, 1)
 
 
 def peak_rss_mib() -> float | None:
@@ -254,17 +293,21 @@ class RunDir:
         trim_heap()
         rss_start = current_rss_mib()
         peak_scope = reset_peak_rss()
+        reset_gpu_peak()
         ctx = StageContext(name=name, work=work, settings=settings, inputs=inputs, key=key)
         stats = fn(ctx)
         finished = time.time()
         peak = peak_rss_mib()
+        gpu_peak = gpu_peak_mib()
         if peak is None or rss_start is None or peak - rss_start > RELEASE_AFTER_MIB:
             release_memory()
         else:
             trim_heap()  # a full garbage collection takes 0.3 s in a process with the ML libraries loaded
+            release_gpu_cache()
         rss_end = current_rss_mib()
-        log.info("stage %s: done in %.1f s; memory peak %s MiB, %s MiB at start, %s MiB after",
-                 name, finished - started, peak, rss_start, rss_end)
+        log.info("stage %s: done in %.1f s; memory peak %s MiB, %s MiB at start, %s MiB after%s",
+                 name, finished - started, peak, rss_start, rss_end,
+                 f"; GPU peak {gpu_peak} MiB" if gpu_peak is not None else "")
 
         shutil.rmtree(work / SCRATCH, ignore_errors=True)
         files = tree_digests(work)
@@ -284,6 +327,7 @@ class RunDir:
             "peak_rss_scope": peak_scope,
             "rss_start_mib": rss_start,
             "rss_end_mib": rss_end,
+            "gpu_peak_mib": gpu_peak,
             "packages": package_versions(),
         }
         write_json_atomic(work / MANIFEST, manifest)

@@ -258,13 +258,14 @@ def iteration_metrics(run_dir: Path, name: str) -> dict[str, float]:
 
 
 def resource_metrics(model_dir: Path) -> dict[str, float]:
-    """``resources/<stage>_seconds`` and ``resources/<stage>_peak_rss_mib`` of one model's stages
-    (curate, select, finetune, eval), from their manifests: where time and memory went, by
-    iteration, in MLflow's charts and compare view."""
+    """``resources/<stage>_seconds``, ``resources/<stage>_peak_rss_mib`` and, where the stage used a
+    GPU, ``resources/<stage>_gpu_peak_mib`` of one model's stages (curate, select, finetune, eval),
+    from their manifests: where time and memory went, by iteration, in MLflow's charts and
+    compare view."""
     out: dict[str, float] = {}
     for stage in ("curate", "select", "finetune", "eval"):
         manifest = _json(model_dir / stage / "manifest.json") or {}
-        for key in ("seconds", "peak_rss_mib"):
+        for key in ("seconds", "peak_rss_mib", "gpu_peak_mib"):
             if _number(manifest.get(key)) is not None:
                 out[f"resources/{stage}_{key}"] = float(manifest[key])
     return out

@@ -260,11 +260,14 @@ def meminfo_available(text: str) -> int | None:
 
 
 def free_memory_bytes(device: torch.device) -> int | None:
-    """Memory free on ``device`` now: the GPU's free memory, or the host's available memory for a
-    CPU (Linux ``MemAvailable``; None elsewhere)."""
+    """Memory free on ``device`` now: the GPU's free memory (with the blocks torch's allocator
+    caches unused), or the host's available memory for a CPU (Linux ``MemAvailable``; None
+    elsewhere)."""
     if device.type == "cuda":
+        # What the device has free, plus what torch's allocator holds cached but unused: the
+        # engine's tensors are allocated from that cache first.
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
             return meminfo_available(fh.read())

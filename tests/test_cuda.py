@@ -109,3 +109,19 @@ def test_lora_finetune_on_cuda(tiny_model, tmp_path, bf16):
     assert stats["steps"] == 4 and stats["bf16"] == (bf16 == "on")
     assert stats["final_loss"] is not None and stats["final_loss"] == stats["final_loss"]  # not NaN
     assert is_adapter(tmp_path / "model")
+
+
+def test_cached_gpu_memory_counts_as_free_and_is_returned_after_a_stage():
+    from harness import rundir
+
+    block = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    rundir.reset_gpu_peak()
+    del block  # back in torch's cache, not yet the device's
+    cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    assert cached >= 256 * 2**20
+    device_free = torch.cuda.mem_get_info()[0]
+    assert hardware.free_memory_bytes(torch.device("cuda")) - device_free >= 256 * 2**20
+    assert rundir.gpu_peak_mib() >= 256
+    reserved = torch.cuda.memory_reserved()
+    rundir.release_gpu_cache()
+    assert torch.cuda.memory_reserved() <= reserved - 256 * 2**20

@@ -158,3 +158,15 @@ def test_empty_run_dir_and_stale_plots(tmp_path):
 )
 def test_metric_cell(metric, cell):
     assert report.metric_cell(metric) == cell
+
+
+def test_stage_table_and_peak_show_the_gpu_only_where_one_was_used():
+    cpu = [("a", {"seconds": 1.0, "peak_rss_mib": 2048, "rss_start_mib": 512, "rss_end_mib": 600})]
+    header, rows = report.stage_table(cpu)
+    assert "GPU peak GiB" not in header and len(rows[0]) == len(header)
+    assert report.peak_memory(cpu) == "2.00 GiB (a)"
+    gpu = cpu + [("b", {"seconds": 2.0, "peak_rss_mib": 1024, "rss_start_mib": 512, "rss_end_mib": 600,
+                        "gpu_peak_mib": 10240.0})]
+    header, rows = report.stage_table(gpu)
+    assert header[-1] == "GPU peak GiB" and [r[-1] for r in rows] == ["–", "10.00"]
+    assert report.peak_memory(gpu) == "2.00 GiB (a); GPU 10.00 GiB (b)"

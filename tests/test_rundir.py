@@ -147,3 +147,37 @@ def test_memory_a_stage_freed_is_returned_before_the_next_stage(tmp_path):
         _PINNED.clear()
     assert m["peak_rss_mib"] - m["rss_start_mib"] > 150  # the blocks were resident during the stage
     assert m["rss_end_mib"] - m["rss_start_mib"] < 50, m
+
+
+class _FakeCuda:
+    """Stands in for ``torch.cuda`` in a process that has used a GPU."""
+
+    def __init__(self):
+        self.calls, self.reserved = [], 0
+
+    def reset_peak_memory_stats(self):
+        self.calls.append("reset")
+
+    def max_memory_reserved(self):
+        return self.reserved
+
+    def empty_cache(self):
+        self.calls.append("empty_cache")
+
+
+def test_stage_records_its_gpu_peak_and_returns_cached_gpu_memory(tmp_path, monkeypatch):
+    from harness import rundir
+
+    run = RunDir(tmp_path)
+    assert run.stage("cpu", lambda ctx: {}, version="v1", settings={}).manifest["gpu_peak_mib"] is None
+    cuda = _FakeCuda()
+    monkeypatch.setattr(rundir, "_cuda", lambda: cuda)
+
+    def on_gpu(ctx):
+        assert cuda.calls == ["reset"]  # the window starts with the stage
+        cuda.reserved = 3 * 2**30
+        return {}
+
+    manifest = run.stage("gpu", on_gpu, version="v1", settings={}).manifest
+    assert manifest["gpu_peak_mib"] == 3072.0
+    assert cuda.calls == ["reset", "empty_cache"]  # cached blocks go back before the next stage
