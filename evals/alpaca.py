@@ -119,6 +119,9 @@ LC_BOOTSTRAP = 50
 the spread of predictions that length_controlled_v1 reports would be 0)."""
 
 
+JUDGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 class JudgeError(ValueError):
     """A judge cannot be set up: unknown config, missing judge model or credentials."""
 
@@ -392,8 +395,10 @@ class Judge:
         model: the judge model for local configs: a directory, ``.gguf`` file or
             ``pkg:<distribution>/<file>`` (see :func:`pipeline.models.resolve_base`).
         batch_size: forward-pass batch size of the judge engine.
-        device: where the judge model runs (``cpu``, ``cuda``, ``cuda:N``); it always runs in fp32,
-            so its judgments do not move with the hardware's preferred dtype.
+        device: where the judge model runs (``cpu``, ``cuda``, ``cuda:N``).
+        dtype: the judge model's weights, ``float32`` (default: judgments do not move with the
+            hardware's preferred dtype) or ``bfloat16`` (half the memory; part of :meth:`identity`,
+            so its judgments are cached apart).
         engine: an engine already built, used instead of loading ``model``.
     """
 
@@ -401,8 +406,13 @@ class Judge:
     model: str | None = None
     batch_size: int = 4
     device: str = "cpu"
+    dtype: str = "float32"
     engine: Engine | None = None
     _resolved: str | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in JUDGE_DTYPES:
+            raise JudgeError(f"judge dtype {self.dtype!r}: choose from {sorted(JUDGE_DTYPES)}")
 
     @property
     def config_path(self) -> Path:
@@ -443,7 +453,7 @@ class Judge:
         if self.engine is None:
             path = self.resolved_model()
             log.info("loading judge model %s", path)
-            model = load_model(path, dtype=torch.float32).to(self.device)
+            model = load_model(path, dtype=JUDGE_DTYPES[self.dtype]).to(self.device)
             self.engine = TransformersEngine(model, load_tokenizer(path), batch_size=self.batch_size)
         return self.engine
 
@@ -478,7 +488,10 @@ class Judge:
 
     def identity(self) -> str:
         """What a cached judgment depends on: the config's files and the judge's weights."""
-        return settings_digest({"config": self.config_digest(), "model": self.model_digest()})[:12]
+        what = {"config": self.config_digest(), "model": self.model_digest()}
+        if self.dtype != "float32":  # absent at the default: judgments cached before keep their key
+            what["dtype"] = self.dtype
+        return settings_digest(what)[:12]
 
     def check_credentials(self) -> None:
         """Fail before any work when a config calls the OpenAI API without a key."""

@@ -41,8 +41,10 @@ DEFAULT_TASKS = ("ifeval", "truthfulqa_mc1", "truthfulqa_mc2", "gsm8k")
 FILTER_SUFFIX = {"none": "", "strict-match": "_strict", "flexible-extract": "_flexible"}
 # Only non-mean aggregations are bootstrapped; none of ours are, so this bounds cost only.
 BOOTSTRAP_ITERS = 1000
-# fp32 on every device: scores must not move with the hardware's preferred dtype.
+# fp32 on every device by default: scores must not move with the hardware's preferred dtype.
 DTYPE = "float32"
+DTYPES = ("float32", "bfloat16")
+"""What the held-out tasks may load a model in (``eval.dtype``)."""
 VERSIONED_PACKAGES = (
     "lm_eval", "torch", "transformers", "peft", "datasets", "nltk", "langdetect", "llama-index-core",
 )
@@ -217,8 +219,15 @@ def check_generation(generation: str) -> str:
     return generation
 
 
-def build_lm(spec: ModelSpec, *, batch_size: int, device: str, generation: str = "engine"):
-    """lm-eval's HF model over the resolved model; ``generation``: see :data:`GENERATION`.
+def check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise HeldoutError(f"unknown dtype {dtype!r}; choose from {list(DTYPES)}")
+    return dtype
+
+
+def build_lm(spec: ModelSpec, *, batch_size: int, device: str, generation: str = "engine", dtype: str = DTYPE):
+    """lm-eval's HF model over the resolved model, its weights in ``dtype`` (:data:`DTYPES`);
+    ``generation``: see :data:`GENERATION`.
 
     A LoRA adapter is passed as lm-eval's ``peft=`` argument rather than merged into a
     temporary copy: no full set of weights is written for every evaluated iteration, peft
@@ -230,13 +239,14 @@ def build_lm(spec: ModelSpec, *, batch_size: int, device: str, generation: str =
     # The project's tokenizer loader: a tokenizer without a chat template gets the same ChatML
     # fallback that fine-tuning and generation use, so the prompts match what the model saw.
     check_generation(generation)
+    check_dtype(dtype)
     tokenizer = load_tokenizer(str(spec.tokenizer))
     lm = _trimming_hflm()(
         pretrained=str(spec.base),
         tokenizer=tokenizer,
         peft=str(spec.adapter) if spec.adapter else None,
         device=device,  # lm-eval defaults to "cuda"; CPU must be named
-        dtype=DTYPE,
+        dtype=dtype,
         batch_size=batch_size,
         trust_remote_code=False,
         use_safetensors=True,  # forwarded to from_pretrained
@@ -293,22 +303,23 @@ class SharedLM:
     tasks and the hub tasks (:mod:`evals.hub_tasks`) load the weights once."""
 
     def __init__(self, spec: ModelSpec, *, batch_size: int, device: str, generation: str = "engine",
-                 engine_batch_size: int | None = None, kv_cache_gib: float | str | None = None):
+                 engine_batch_size: int | None = None, kv_cache_gib: float | str | None = None, dtype: str = DTYPE):
         """``engine_batch_size`` and ``kv_cache_gib``: the engine's batches when it answers the
         generation requests (default: lm-eval's ``batch_size``, which is sized for the
         log-likelihood batches' full-vocabulary logits; generation holds only a KV cache)."""
         self.spec, self.batch_size, self.device, self.generation = spec, batch_size, device, generation
-        self.engine_batch_size, self.kv_cache_gib = engine_batch_size, kv_cache_gib
+        self.engine_batch_size, self.kv_cache_gib, self.dtype = engine_batch_size, kv_cache_gib, dtype
         self._lm = None
 
-    def get(self, spec: ModelSpec, batch_size: int, device: str, generation: str = "engine"):
-        wanted, built = (spec, batch_size, device, generation), (self.spec, self.batch_size, self.device, self.generation)
+    def get(self, spec: ModelSpec, batch_size: int, device: str, generation: str = "engine", dtype: str = DTYPE):
+        wanted = (spec, batch_size, device, generation, dtype)
+        built = (self.spec, self.batch_size, self.device, self.generation, self.dtype)
         if wanted != built:
             raise HeldoutError(f"shared model was built for {self.spec.path} (batch size {self.batch_size}, "
-                               f"{self.device}, {self.generation} generation), asked for {spec.path} (batch size "
-                               f"{batch_size}, {device}, {generation} generation)")
+                               f"{self.device}, {self.generation} generation, {self.dtype}), asked for {spec.path} "
+                               f"(batch size {batch_size}, {device}, {generation} generation, {dtype})")
         if self._lm is None:
-            self._lm = build_lm(spec, batch_size=batch_size, device=device, generation=generation)
+            self._lm = build_lm(spec, batch_size=batch_size, device=device, generation=generation, dtype=dtype)
             self._lm.engine_batch_size, self._lm.engine_kv_cache_gib = self.engine_batch_size, self.kv_cache_gib
         return self._lm
 
@@ -384,6 +395,7 @@ def run_heldout(
     device: str = "cpu",
     shared_lm: SharedLM | None = None,
     generation: str = "engine",
+    dtype: str = DTYPE,
 ) -> dict:
     """Evaluate a model on held-out tasks with ``lm_eval.simple_evaluate``.
 
@@ -411,6 +423,8 @@ def run_heldout(
         shared_lm: a model loader shared with other evaluations of the same model (the hub
             tasks), so the weights are loaded once; None: load them here.
         generation: who answers IFEval's and GSM8K's generation requests (:data:`GENERATION`).
+        dtype: the weights' dtype (:data:`DTYPES`): ``float32`` keeps scores independent of the
+            hardware; ``bfloat16`` halves the model's memory, and scores may move slightly.
 
     Returns:
         ``{"metrics": {"<task>/<metric>": {"value", "stderr", "n", "task", "task_version",
@@ -431,6 +445,7 @@ def run_heldout(
     if limit is not None and limit < 1:
         raise HeldoutError(f"limit must be a positive document count, got {limit}")
     check_generation(generation)
+    check_dtype(dtype)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data_root = Path(data_dir).expanduser().resolve()
@@ -471,7 +486,7 @@ def run_heldout(
             "weights_digest": weights_digest(spec),
             "tokenizer_digest": tokenizer_digest(spec.tokenizer),
             "adapter": spec.adapter is not None,
-            "dtype": DTYPE,
+            "dtype": dtype,
         },
         "limit": limit,
         "sample_indices_digest": settings_digest(samples) if samples is not None else None,
@@ -530,9 +545,10 @@ def evaluate(
     from lm_eval.tasks import TaskManager
 
     if shared_lm is not None:
-        lm = shared_lm.get(spec, config["batch_size"], config["device"], generation)
+        lm = shared_lm.get(spec, config["batch_size"], config["device"], generation, config["model"]["dtype"])
     else:
-        lm = build_lm(spec, batch_size=config["batch_size"], device=config["device"], generation=generation)
+        lm = build_lm(spec, batch_size=config["batch_size"], device=config["device"], generation=generation,
+                      dtype=config["model"]["dtype"])
     results = seeded_evaluate(lm, [TASK_PREFIX + t for t in tasks],
                               TaskManager(include_path=str(tasks_dir), include_defaults=False), samples, config,
                               config["system_prompt"])

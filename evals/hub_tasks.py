@@ -45,6 +45,7 @@ from evals.heldout import (
     VERSIONED_PACKAGES,
     HeldoutError,
     SharedLM,
+    check_dtype,
     check_generation,
     metric_name,
     resolve_model,
@@ -354,6 +355,7 @@ def run_hub_tasks(
     device: str = "cpu",
     shared_lm: SharedLM | None = None,
     generation: str = "engine",
+    dtype: str = DTYPE,
 ) -> dict[str, Any]:
     """Evaluate a model on prepared hub tasks with ``lm_eval.simple_evaluate``.
 
@@ -362,7 +364,7 @@ def run_hub_tasks(
             :func:`evals.heldout.run_heldout`.
         out_dir: where lm-eval's results, per-sample logs and ``summary.json`` are written.
         plan: from :func:`prepare_hub_tasks`.
-        batch_size, system_prompt, device, generation: as for :func:`evals.heldout.run_heldout`.
+        batch_size, system_prompt, device, generation, dtype: as for :func:`evals.heldout.run_heldout`.
         shared_lm: reuse a model already loaded for the local tasks.
 
     Returns:
@@ -372,6 +374,7 @@ def run_hub_tasks(
     """
     started = time.perf_counter()
     check_generation(generation)
+    check_dtype(dtype)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = resolve_model(model_path)
@@ -380,7 +383,7 @@ def run_hub_tasks(
         "tasks": plan.tasks,
         "num_fewshot": plan.num_fewshot,
         "model": {"weights_digest": weights_digest(spec), "tokenizer_digest": tokenizer_digest(spec.tokenizer),
-                  "adapter": spec.adapter is not None, "dtype": DTYPE},
+                  "adapter": spec.adapter is not None, "dtype": dtype},
         "limit": plan.limit,
         "sample_indices_digest": settings_digest(plan.samples) if plan.samples is not None else None,
         "seed": plan.seed,
@@ -395,8 +398,8 @@ def run_hub_tasks(
     }
     paths = {"model": str(spec.path), "base": str(spec.base), "adapter": str(spec.adapter) if spec.adapter else None,
              "tokenizer": str(spec.tokenizer)}
-    shared = shared_lm or SharedLM(spec, batch_size=batch_size, device=device, generation=generation)
-    lm = shared.get(spec, batch_size, device, generation)
+    shared = shared_lm or SharedLM(spec, batch_size=batch_size, device=device, generation=generation, dtype=dtype)
+    lm = shared.get(spec, batch_size, device, generation, dtype)
     log.info("hub held-out evaluation of %s on %s (limit=%s, seed=%s)", spec.path, plan.names, plan.limit, plan.seed)
     results = seeded_evaluate(lm, plan.objects, plan.task_manager, plan.samples, config, system_prompt)
     results = dict(results)

@@ -183,8 +183,8 @@ class EngineSection(_Section):
     """bf16 weights for generation and scoring (loaded or cast once when an engine is built);
     ``auto`` uses them where the device the engine runs on (``device``) has native bf16
     (AVX512-BF16/AMX or Arm's bf16 on CPUs, a bf16 GPU) and, on a CPU, a bf16 matmul measures at
-    least 1.25x as fast as fp32. The judge and lm-eval's held-out tasks always run in fp32, so
-    scores do not move with the hardware."""
+    least 1.25x as fast as fp32. The judge and lm-eval's held-out tasks run in ``eval.dtype``
+    (fp32 by default, so scores do not move with the hardware)."""
     kv_cache_gib: Annotated[float, Field(gt=0)] | Literal["auto"] | None = "auto"
     """Memory one generation batch's KV cache may take: batches hold fewer sequences than the
     stage's ``batch_size`` when their longest prompt plus the new-token budget would need more.
@@ -263,10 +263,15 @@ class EvalSection(_Section):
     """Few-shot examples per hub task, overriding lm-eval's default (e.g. ``{mmlu: 5}``, the
     paper's MMLU setting); a group's value applies to each of its tasks. Unnamed tasks keep
     lm-eval's stock setting."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weights of the local AlpacaEval judge and of the models lm-eval scores on the held-out
+    tasks: ``float32`` (default) keeps those scores independent of the hardware's preferred
+    dtype; ``bfloat16`` halves their memory (a 7B model: 14 instead of 28 GB), and scores may
+    move slightly. Answers to AlpacaEval come from the engine, in ``engine.bf16``'s dtype."""
     heldout_generation: Literal["engine", "lm_eval"] = "engine"
     """Who answers the held-out tasks' generation requests (IFEval, GSM8K, generative hub
-    tasks): ``engine``, the project's decoding loop on the model lm-eval loaded (same fp32
-    weights; rows of similar length prefilled together, each row stopped at its own stop
+    tasks): ``engine``, the project's decoding loop on the model lm-eval loaded (same
+    weights, in ``dtype``; rows of similar length prefilled together, each row stopped at its own stop
     string), or ``lm_eval``, lm-eval's own ``model.generate`` batches. Log-likelihood tasks are
     lm-eval's either way. See ``evals/engine_generation.py`` for what differs."""
     heldout_batch_size: int | None = Field(None, ge=1)

@@ -43,6 +43,8 @@ def eval_settings(cfg: RunConfig) -> dict[str, Any]:
     out = {**{k: ev[k] for k in keep}, "judge_model": judge_model_spec(cfg), "system": stages.system_prompt(cfg)}
     if ev["heldout_batch_size"] is not None:  # absent when unset: earlier runs keep their cache keys
         out["heldout_batch_size"] = ev["heldout_batch_size"]
+    if ev["dtype"] != "float32":  # absent at the default: earlier runs keep their cache keys
+        out["dtype"] = ev["dtype"]
     if ev["heldout_generation"] == "engine" and (ev["heldout_tasks"] or ev["heldout_hub_tasks"]):
         # Present for the engine only: evaluations made before the option existed went through
         # lm-eval's generate, so they keep their cache keys under "lm_eval" and are redone under
@@ -85,7 +87,8 @@ def check_judge_stage(run: RunDir, cfg: RunConfig) -> StageResult:
 
     def fn(ctx: StageContext) -> dict[str, Any]:
         instructions = _instruction_set(cfg, None)
-        judge = alpaca.Judge(ev.judge, _judge_model(cfg), batch_size=ev.batch_size, device=stages.engine_device(cfg))
+        judge = alpaca.Judge(ev.judge, _judge_model(cfg), batch_size=ev.batch_size, device=stages.engine_device(cfg),
+                             dtype=ev.dtype)
         result = alpaca.check_judge(judge, instructions.reference, n=ev.judge_check_pairs, seed=ev.seed,
                                     min_accuracy=ev.min_judge_accuracy, out_dir=ctx.work)
         # Timings go to logs/ (outside the output digest): evaluations depend on this stage.
@@ -98,6 +101,8 @@ def check_judge_stage(run: RunDir, cfg: RunConfig) -> StageResult:
     settings = {"judge": ev.judge, "judge_model": judge_model_spec(cfg), "pairs": ev.judge_check_pairs,
                 "seed": ev.seed, "min_accuracy": ev.min_judge_accuracy, "reference": ev.alpaca_reference,
                 "data_dir": ev.data_dir, **_alpaca_source_settings(cfg)}
+    if ev.dtype != "float32":  # absent at the default: earlier runs keep their cache keys
+        settings["dtype"] = ev.dtype
     return run.stage("judge_check", fn, version="judge_check_v1", settings=settings)
 
 
@@ -141,7 +146,8 @@ def _alpaca_metrics(cfg, prefix, model_path, out_dir: Path, cache: Path, check: 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "model_outputs.jsonl", outputs)
     del engine  # free the model before the judge loads
-    judge = alpaca.Judge(ev.judge, _judge_model(cfg), batch_size=ev.batch_size, device=stages.engine_device(cfg))
+    judge = alpaca.Judge(ev.judge, _judge_model(cfg), batch_size=ev.batch_size, device=stages.engine_device(cfg),
+                             dtype=ev.dtype)
     result = alpaca.score_alpaca_eval(outputs, instructions, out_dir, judge=judge, cache_dir=cache,
                                       lc_data_dir=ev.alpaca_lc_data_dir, lc_download=ev.alpaca_lc_download,
                                       lc_glm=ev.alpaca_lc_glm)
@@ -189,14 +195,15 @@ def _heldout_metrics(cfg, model_path: str, work: Path, settings: dict) -> dict:
     # held-out batch size is for lm-eval's log-likelihood logits.
     shared = heldout.SharedLM(heldout.resolve_model(model_path), batch_size=batch_size, device=device,
                               generation=ev.heldout_generation, engine_batch_size=ev.batch_size,
-                              kv_cache_gib=cfg.engine.kv_cache_gib)
+                              kv_cache_gib=cfg.engine.kv_cache_gib, dtype=ev.dtype)
     digest = settings_digest(settings)
     metrics: dict[str, Any] = {}
     if ev.heldout_tasks:
         result = heldout.run_heldout(model_path, work / "heldout", data_dir=ev.data_dir, tasks=ev.heldout_tasks,
                                      limit=ev.heldout_limit, seed=ev.seed, batch_size=batch_size,
                                      system_prompt=stages.system_prompt(cfg), max_gen_toks=ev.max_new_tokens,
-                                     device=device, shared_lm=shared, generation=ev.heldout_generation)
+                                     device=device, shared_lm=shared, generation=ev.heldout_generation,
+                                     dtype=ev.dtype)
         metrics.update({
             name: _metric(m["value"], m.get("stderr"), m.get("n"),
                           {"eval_config": digest, "task_version": m.get("task_version")},
@@ -206,7 +213,7 @@ def _heldout_metrics(cfg, model_path: str, work: Path, settings: dict) -> dict:
     if plan is not None:
         result = hub_tasks.run_hub_tasks(model_path, work / "heldout_hub", plan, batch_size=batch_size,
                                          system_prompt=stages.system_prompt(cfg), device=device, shared_lm=shared,
-                                         generation=ev.heldout_generation)
+                                         generation=ev.heldout_generation, dtype=ev.dtype)
         metrics.update({
             name: _metric(m["value"], m.get("stderr"), m.get("n"),
                           {"eval_config": digest, "task_version": m.get("task_version"), "source": m["source"],

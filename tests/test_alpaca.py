@@ -273,3 +273,19 @@ def test_local_logprob_judge_end_to_end(tiny_model, tmp_path):
     check = alpaca.check_judge(judge, truncation_records(), n=1, seed=0, kinds=("truncated",))
     assert check["n_judgments"] == 2 and check["accuracy"] in (0.0, 0.5, 1.0)
     assert 0 < check["mean_choice_mass"] <= 1.0 + 1e-6
+
+
+def test_judge_dtype_loads_the_model_and_keys_its_cache(tiny_model):
+    import torch
+
+    from harness.config import settings_digest
+
+    fp32 = alpaca.Judge(alpaca.LOCAL_JUDGE, model=str(tiny_model))
+    bf16 = alpaca.Judge(alpaca.LOCAL_JUDGE, model=str(tiny_model), dtype="bfloat16")
+    assert {p.dtype for p in fp32.get_engine().model.parameters()} == {torch.float32}
+    assert {p.dtype for p in bf16.get_engine().model.parameters()} == {torch.bfloat16}
+    # The default's identity is the one judgments were cached under before the option existed.
+    assert fp32.identity() == settings_digest({"config": fp32.config_digest(), "model": fp32.model_digest()})[:12]
+    assert bf16.identity() != fp32.identity()
+    with pytest.raises(alpaca.JudgeError, match="dtype 'float16'"):
+        alpaca.Judge(alpaca.LOCAL_JUDGE, model=str(tiny_model), dtype="float16")

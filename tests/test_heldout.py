@@ -236,3 +236,21 @@ def test_bad_inputs_are_refused_before_loading(tiny_model, shared_data, tmp_path
         run_heldout(str(tmp_path), tmp_path / "out", data_dir=shared_data, tasks=["gsm8k"])
     with pytest.raises(HeldoutError, match="unknown generation 'vllm'"):
         run_heldout(str(tiny_model), tmp_path, data_dir=shared_data, tasks=["gsm8k"], generation="vllm")
+    with pytest.raises(HeldoutError, match="unknown dtype 'float16'"):
+        run_heldout(str(tiny_model), tmp_path, data_dir=shared_data, tasks=["gsm8k"], dtype="float16")
+
+
+def test_bf16_evaluation_loads_bf16_weights_and_records_it(base_run, tiny_model, shared_data, tmp_path):
+    import torch
+
+    from evals.heldout import SharedLM, resolve_model
+
+    spec = resolve_model(str(tiny_model))
+    shared = SharedLM(spec, batch_size=4, device="cpu", dtype="bfloat16")
+    summary = run_heldout(str(tiny_model), tmp_path, data_dir=shared_data, tasks=["truthfulqa_mc1"], limit=LIMIT,
+                          batch_size=4, system_prompt="Answer briefly.", shared_lm=shared, dtype="bfloat16")
+    assert {p.dtype for p in shared.get(spec, 4, "cpu", "engine", "bfloat16").model.parameters()} == {torch.bfloat16}
+    assert summary["config"]["model"]["dtype"] == "bfloat16"
+    assert base_run[1]["config"]["model"]["dtype"] == "float32"
+    with pytest.raises(HeldoutError, match="bfloat16"):  # a model loaded in one dtype is not reused for another
+        shared.get(spec, 4, "cpu", "engine", "float32")

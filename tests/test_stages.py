@@ -84,3 +84,13 @@ def test_engine_device_resolves_auto():
 
     assert stages.engine_device(load_config(None, ["engine.device=auto"])) == ("cuda" if torch.cuda.is_available() else "cpu")
     assert stages.engine_device(load_config(None, ["engine.device=cuda:1"])) == "cuda:1"
+
+
+def test_eval_dtype_enters_settings_only_when_not_the_default(shared_data):
+    from harness import evaluate
+
+    base = [f"eval.data_dir={shared_data}"]
+    default = evaluate.eval_settings(load_config(None, base))
+    bf16 = evaluate.eval_settings(load_config(None, [*base, "eval.dtype=bfloat16"]))
+    assert "dtype" not in default  # evaluations made before the option keep their cache keys
+    assert bf16 == {**default, "dtype": "bfloat16"}
