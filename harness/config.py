@@ -270,8 +270,8 @@ class EvalSection(_Section):
     move slightly. Answers to AlpacaEval come from the engine, in ``engine.bf16``'s dtype."""
     heldout_generation: Literal["engine", "lm_eval"] = "engine"
     """Who answers the held-out tasks' generation requests (IFEval, GSM8K, generative hub
-    tasks): ``engine``, the project's decoding loop on the model lm-eval loaded (same
-    weights, in ``dtype``; rows of similar length prefilled together, each row stopped at its own stop
+    tasks): ``engine``, the project's decoding loop on the model lm-eval loaded (same weights,
+    in ``dtype``; rows of similar length prefilled together, each row stopped at its own stop
     string), or ``lm_eval``, lm-eval's own ``model.generate`` batches. Log-likelihood tasks are
     lm-eval's either way. See ``evals/engine_generation.py`` for what differs."""
     heldout_batch_size: int | None = Field(None, ge=1)
