@@ -483,6 +483,7 @@ class Judge:
             "annotators_config_digest": self.config_digest(),
             "judge_model": self.model,
             "judge_model_digest": self.model_digest(),
+            "judge_dtype": self.dtype if self.needs_engine() else None,
             "alpaca_eval_version": alpaca_eval.__version__,
         }
 

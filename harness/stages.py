@@ -67,9 +67,7 @@ def make_engine(model_path: str, cfg: RunConfig, batch_size: int) -> Transformer
 
 def engine_device(cfg: RunConfig) -> str:
     """``engine.device`` resolved: ``auto`` is CUDA when torch sees a GPU, else the CPU."""
-    if cfg.engine.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.engine.device
+    return hardware.default_device_type() if cfg.engine.device == "auto" else cfg.engine.device
 
 
 def engine_bf16(cfg: RunConfig) -> bool:

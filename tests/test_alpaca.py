@@ -264,7 +264,7 @@ def test_local_logprob_judge_end_to_end(tiny_model, tmp_path):
     result = alpaca.score_alpaca_eval(model, reference, tmp_path, judge=judge)
     assert alpaca.JUDGE_CALLS["humpback_engine_choice_completions"] == before + 3
     assert result["n"] == 3 and result["n_missing"] == 0 and 0 <= result["win_rate"] <= 100
-    assert result["provenance"]["judge_model_digest"]
+    assert result["provenance"]["judge_model_digest"] and result["provenance"]["judge_dtype"] == "float32"
     annotations = json.loads((tmp_path / "annotations.json").read_text())
     for a in annotations:
         assert 1.0 <= a["preference"] <= 2.0
