@@ -205,16 +205,18 @@ def release_gpu_cache(collect: bool = True) -> None:
 def reset_gpu_peak() -> None:
     cuda = _cuda()
     if cuda is not None:
-        cuda.reset_peak_memory_stats()
+        for device in range(cuda.device_count()):
+            cuda.reset_peak_memory_stats(device)
 
 
 def gpu_peak_mib() -> float | None:
-    """Most GPU memory torch's allocator reserved (current device) since :func:`reset_gpu_peak`,
-    in MiB; None where CUDA has not been used."""
+    """Most GPU memory torch's allocator reserved on any one GPU since :func:`reset_gpu_peak`, in
+    MiB (every GPU is read: ``engine.device`` may be ``cuda:N``, not the current device); None
+    where CUDA has not been used."""
     cuda = _cuda()
     if cuda is None:
         return None
-    return round(cuda.max_memory_reserved() / 2**20, 1)
+    return round(max(cuda.max_memory_reserved(d) for d in range(cuda.device_count())) / 2**20, 1)
 
 
 def peak_rss_mib() -> float | None:

@@ -153,13 +153,16 @@ class _FakeCuda:
     """Stands in for ``torch.cuda`` in a process that has used a GPU."""
 
     def __init__(self):
-        self.calls, self.reserved = [], 0
+        self.calls, self.reserved = [], [0, 0]
 
-    def reset_peak_memory_stats(self):
-        self.calls.append("reset")
+    def device_count(self):
+        return 2
 
-    def max_memory_reserved(self):
-        return self.reserved
+    def reset_peak_memory_stats(self, device):
+        self.calls.append(f"reset {device}")
+
+    def max_memory_reserved(self, device):
+        return self.reserved[device]
 
     def empty_cache(self):
         self.calls.append("empty_cache")
@@ -174,10 +177,10 @@ def test_stage_records_its_gpu_peak_and_returns_cached_gpu_memory(tmp_path, monk
     monkeypatch.setattr(rundir, "_cuda", lambda: cuda)
 
     def on_gpu(ctx):
-        assert cuda.calls == ["reset"]  # the window starts with the stage
-        cuda.reserved = 3 * 2**30
+        assert cuda.calls == ["reset 0", "reset 1"]  # the window starts with the stage, on every GPU
+        cuda.reserved = [2**30, 3 * 2**30]  # the model ran on cuda:1
         return {}
 
     manifest = run.stage("gpu", on_gpu, version="v1", settings={}).manifest
     assert manifest["gpu_peak_mib"] == 3072.0
-    assert cuda.calls == ["reset", "empty_cache"]  # cached blocks go back before the next stage
+    assert cuda.calls == ["reset 0", "reset 1", "empty_cache"]  # cached blocks go back before the next stage
