@@ -67,6 +67,7 @@ from harness.config import settings_digest
 from harness.rundir import combine_digests, file_digest, tree_digests, write_json_atomic
 from pipeline.engine import Engine, SamplingParams, TransformersEngine
 from pipeline.models import load_model, load_tokenizer, resolve_base
+from pipeline.io import content_digest, read_text
 from pipeline.prompts import forward_messages
 
 # alpaca_eval sets the root logger to INFO when its annotators are imported, and its utils import
@@ -179,7 +180,7 @@ class InstructionSet:
             hub = {k: self.source.get(k) for k in ("repo_id", "filename", "revision", "commit")}
         return {
             "reference": self.reference_name,
-            "reference_sha256": file_digest(Path(self.reference_path)),
+            "reference_sha256": content_digest(self.reference_path),
             "reference_source": self.source.get("kind", "local"),
             "reference_hub": hub,
             "subset_size": self.subset_size,
@@ -191,7 +192,7 @@ class InstructionSet:
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """AlpacaEval records from a JSON list, checked for the fields scoring needs."""
-    records = json.loads(Path(path).read_text(encoding="utf-8"))
+    records = json.loads(read_text(path))
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of AlpacaEval records")
     for i, r in enumerate(records):

@@ -29,8 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from evals import bundled
 from harness.config import settings_digest
 from harness.rundir import file_digest, package_versions, write_json_atomic
+from pipeline.io import content_digest
 
 log = logging.getLogger(__name__)
 
@@ -147,14 +149,16 @@ def tokenizer_digest(folder: Path) -> str:
     return settings_digest({n: file_digest(folder / n) for n in names if (folder / n).is_file()})
 
 
-def data_files(tasks: Sequence[str], data_dir: Path) -> dict[str, dict[str, Path]]:
-    """Absolute data paths per task and placeholder, checked to exist."""
+def data_files(tasks: Sequence[str], data_dir: str | Path) -> dict[str, dict[str, Path]]:
+    """Absolute data paths per task and placeholder, checked to exist (``data_dir`` as in
+    :func:`run_heldout`)."""
+    data_dir = bundled.resolve_data_dir(data_dir)
     out: dict[str, dict[str, Path]] = {}
     missing: list[str] = []
     for task in tasks:
         out[task] = {}
         for key, rel in HELDOUT_TASKS[task].files.items():
-            path = (data_dir / rel).resolve()
+            path = bundled.data_file(data_dir, rel).resolve()
             if not path.is_file():
                 missing.append(str(path))
             out[task][key] = path
@@ -407,8 +411,9 @@ def run_heldout(
         model_path: A model directory (safetensors and tokenizer) or a LoRA adapter directory
             whose ``adapter_config.json`` names its base directory.
         out_dir: Where the task YAMLs, lm-eval's results and per-sample logs are written.
-        data_dir: Folder holding ``heldout/`` (``ifeval/input_data.jsonl``,
-            ``truthfulqa/v1/mc_task.json``, ``gsm8k/{test,train}.jsonl``).
+        data_dir: ``packaged`` (the data shipped in ``evals/data``) or a folder holding
+            ``heldout/`` (``ifeval/input_data.jsonl``, ``truthfulqa/v1/mc_task.json``,
+            ``gsm8k/{test,train}.jsonl``, each plain or ``.gz``).
         tasks: Any of ``ifeval``, ``truthfulqa_mc1``, ``truthfulqa_mc2``, ``gsm8k``.
         limit: Documents per task. Unlike lm-eval's ``limit`` (the first N), this is a seeded
             random subset (lm-eval's ``samples``), the same for a given seed and data file whatever
@@ -448,7 +453,7 @@ def run_heldout(
     check_dtype(dtype)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data_root = Path(data_dir).expanduser().resolve()
+    data_root = bundled.resolve_data_dir(data_dir).resolve()
     spec = resolve_model(model_path)
     files = data_files(tasks, data_root)
     includes = {t for task in tasks for t in HELDOUT_TASKS[task].includes}
@@ -475,7 +480,7 @@ def run_heldout(
                     for x in (*HELDOUT_TASKS[t].includes, t)
                 },
                 "data": {
-                    HELDOUT_TASKS[t].files[k]: file_digest(p) for k, p in files[t].items()
+                    HELDOUT_TASKS[t].files[k]: content_digest(p) for k, p in files[t].items()
                 },
                 "n_docs": n_docs[t],
             }

@@ -109,7 +109,7 @@ EVAL_PROMPT_FILES = {
     # name: (path under the eval data dir, field or CSV column holding the prompt)
     "alpaca_eval": ("alpaca_eval/reference_text_davinci_003.json", "instruction"),
     "ifeval": ("heldout/ifeval/input_data.jsonl", "prompt"),
-    "truthfulqa": ("heldout/truthfulqa/v1/TruthfulQA.csv", "Question"),
+    "truthfulqa": ("heldout/truthfulqa/v1/mc_task.json", "question"),
     "gsm8k": ("heldout/gsm8k/test.jsonl", "question"),
 }
 
@@ -120,19 +120,6 @@ def read_prompts(path: str | Path, field: str) -> list[str]:
 
     return [r.data[field] for r in read_source(str(path))
             if isinstance(r, Record) and isinstance(r.data.get(field), str)]
-
-
-def load_eval_prompt_sets(data_dir: str | Path) -> tuple[dict[str, list[str]], list[str]]:
-    """Every evaluation prompt set found under ``data_dir``, and the names of those missing."""
-    found: dict[str, list[str]] = {}
-    missing: list[str] = []
-    for name, (rel, field) in EVAL_PROMPT_FILES.items():
-        path = Path(data_dir) / rel
-        if not path.is_file():
-            missing.append(name)
-            continue
-        found[name] = read_prompts(path, field)
-    return found, missing
 
 
 @dataclass
@@ -174,15 +161,16 @@ def collect_eval_prompt_sets(
     checked with the hub error. Hub held-out tasks (``hub_tasks``) are always listed as not
     checked.
     """
-    from evals import sources
+    from evals import bundled, sources
     from pipeline.data import source_fingerprint
 
     out = EvalPromptSets()
+    root = bundled.resolve_data_dir(data_dir)
     for name, (rel, column) in EVAL_PROMPT_FILES.items():
-        if data_dir is None:
+        if root is None:
             out.not_checked[name] = "eval.data_dir is unset"
             continue
-        path = Path(data_dir) / rel
+        path = bundled.data_file(root, rel)
         if not path.is_file():
             out.not_checked[name] = f"{path} not found"
             continue

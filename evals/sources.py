@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from evals import bundled
 from pipeline.data import DataError
 
 HUB_REPO = "tatsu-lab/alpaca_eval"
@@ -67,9 +68,9 @@ class ReferenceFile:
 
 
 def alpaca_eval_dir(data_dir: str | Path) -> Path:
-    """``data_dir/alpaca_eval`` when it exists (a folder laid out like ../shared/data), else
-    ``data_dir`` itself."""
-    root = Path(data_dir)
+    """``data_dir/alpaca_eval`` when it exists (``packaged`` or a folder laid out like
+    ``evals/data``), else ``data_dir`` itself."""
+    root = bundled.resolve_data_dir(data_dir)
     return root / "alpaca_eval" if (root / "alpaca_eval").is_dir() else root
 
 
@@ -81,12 +82,12 @@ def local_reference_path(root: Path, reference: str) -> tuple[str, Path]:
             name in ``root/model_outputs``.
     """
     if reference in REFERENCES:
-        return reference, root / REFERENCES[reference]
+        return reference, bundled.data_file(root, REFERENCES[reference])
     path = Path(reference)
     if path.suffix == ".json":
         path = path if path.is_absolute() or path.exists() else root / path
         return path.stem, path
-    named = root / "model_outputs" / f"{reference}.json"
+    named = bundled.data_file(root, f"model_outputs/{reference}.json")
     if named.is_file():
         return reference, named
     raise ValueError(
@@ -95,6 +96,7 @@ def local_reference_path(root: Path, reference: str) -> tuple[str, Path]:
 
 
 def _local_candidate(data_dir: str | Path | None, reference: str) -> tuple[str, Path | None]:
+    data_dir = bundled.resolve_data_dir(data_dir)
     if data_dir is None:
         if reference in REFERENCES:
             return reference, None

@@ -201,10 +201,13 @@ class EngineSection(_Section):
 
 class EvalSection(_Section):
     enabled: bool = True
-    data_dir: str | None = "../shared/data"
-    """Directory laid out like ``../shared/data`` (``alpaca_eval/``, ``heldout/``). Its evaluation
-    prompts also feed the contamination check. Not needed when AlpacaEval comes from the hub
-    (``alpaca_source``) and only hub tasks are held out (``heldout_tasks: []``)."""
+    data_dir: str | None = "packaged"
+    """Where the evaluation data is read: ``packaged`` (default) is the data shipped inside the
+    package (``evals/data``: AlpacaEval references, IFEval, TruthfulQA v1, GSM8K, LLMBar; see its
+    ``SOURCES.md``); or a folder laid out the same way (``alpaca_eval/``, ``heldout/``, plain or
+    ``.gz`` files). Its evaluation prompts also feed the contamination check. ``null``: no local
+    data, for AlpacaEval from the hub (``alpaca_source``) with only hub held-out tasks
+    (``heldout_tasks: []``)."""
     contamination_n: int = Field(8, ge=3)
     """Training pairs sharing a word n-gram of this length with any evaluation prompt are dropped."""
     contamination_fields: list[str] = Field(default_factory=lambda: ["instruction"])

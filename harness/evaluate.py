@@ -252,18 +252,20 @@ def check_eval_inputs(cfg: RunConfig) -> None:
     Raises:
         DataError: naming what is missing and the settings that fix it.
     """
-    from evals import sources
+    from evals import bundled, sources
     from evals.heldout import HeldoutError, data_files
     from pipeline.data import DataError
 
     ev = cfg.eval
     if not ev.enabled:
         return
-    hint = ("set eval.data_dir to a folder laid out like ../shared/data (alpaca_eval/, heldout/); with internet, "
+    hint = ("set eval.data_dir to packaged (the data shipped with the project) or a folder laid out like "
+            "evals/data (alpaca_eval/, heldout/); with internet, "
             "eval.alpaca_source=auto or hub reads AlpacaEval from the Hugging Face hub and eval.heldout_tasks=[] "
             "with lm-eval stock tasks in eval.heldout_hub_tasks needs no local held-out files; "
             "or eval.enabled=false to run the pipeline without evaluation")
-    data_dir_ok = ev.data_dir is not None and Path(ev.data_dir).is_dir()
+    data_root = bundled.resolve_data_dir(ev.data_dir)
+    data_dir_ok = data_root is not None and data_root.is_dir()
     if ev.alpaca_source == "local" and not data_dir_ok:
         raise DataError(f"evaluation data directory {ev.data_dir!r} does not exist: {hint}")
     try:
@@ -271,7 +273,7 @@ def check_eval_inputs(cfg: RunConfig) -> None:
             if not data_dir_ok:
                 raise DataError(f"evaluation data directory {ev.data_dir!r} does not exist, and the local held-out "
                                 f"tasks {ev.heldout_tasks} (eval.heldout_tasks) read their files from it: {hint}")
-            data_files(ev.heldout_tasks, Path(ev.data_dir))
+            data_files(ev.heldout_tasks, data_root)
         sources.resolve_reference(ev.data_dir, ev.alpaca_reference, ev.alpaca_source, ev.alpaca_hub_revision)
     except sources.SourceError as exc:
         raise DataError(f"{exc}: {hint}") from exc

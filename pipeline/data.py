@@ -9,9 +9,11 @@ loaders raise :class:`DataError` only when nothing usable remains.
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import io
 import json
+import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -91,6 +93,12 @@ def read_source(spec: str) -> Iterator[Record | Reject]:
 
 
 def _read_bytes(label: str, name: str, raw: bytes) -> Iterator[Record | Reject]:
+    if name.lower().endswith(".gz"):
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DataError(f"{label}: not a readable gzip file: {exc}") from exc
+        name = name[: -len(".gz")]
     suffix = name.lower().rsplit(".", 1)[-1]
     if suffix in ("jsonl", "ndjson"):
         yield from _read_jsonl(label, raw)
@@ -101,7 +109,8 @@ def _read_bytes(label: str, name: str, raw: bytes) -> Iterator[Record | Reject]:
     elif suffix == "parquet":
         yield from _read_parquet(label, raw)
     else:
-        raise DataError(f"{label}: unknown format {suffix!r} (use .jsonl, .json, .csv or .parquet)")
+        raise DataError(f"{label}: unknown format {suffix!r} (use .jsonl, .json, .csv or .parquet, each "
+                        f"optionally .gz)")
 
 
 def _read_jsonl(label: str, raw: bytes) -> Iterator[Record | Reject]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +27,25 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
             n += 1
     os.replace(tmp, path)
     return n
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file's content, decompressed first when its name ends in ``.gz``."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if path.name.endswith(".gz"):
+        raw = gzip.decompress(raw)
+    return raw.decode("utf-8")
+
+
+def content_digest(path: str | Path) -> str:
+    """sha256 of a data file's content: of the decompressed bytes for a ``.gz`` file, so a
+    compressed copy and the original identify as the same data."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if path.name.endswith(".gz"):
+        raw = gzip.decompress(raw)
+    return hashlib.sha256(raw).hexdigest()
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

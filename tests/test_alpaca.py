@@ -7,6 +7,7 @@ end to end on the tiny random model.
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -107,26 +108,26 @@ def test_judge_config_errors(tmp_path):
             judge.annotator(None)
 
 
-def test_aggregation_reproduces_the_leaderboard(shared_data):
+def test_aggregation_reproduces_the_leaderboard(eval_data):
     """alpaca_eval's metrics on the real GPT-4 judgments of alpaca-7b give the published row."""
-    path = shared_data / "alpaca_eval" / "annotations" / "alpaca-7b_vs_text_davinci_003_alpaca_eval_gpt4.json"
-    metrics = alpaca.win_rate_metrics(json.loads(path.read_text()))
+    path = eval_data / "preferences" / "alpaca_eval_gpt4" / "alpaca-7b.json.gz"
+    metrics = alpaca.win_rate_metrics(json.loads(gzip.decompress(path.read_bytes())))
     assert metrics["win_rate"] == pytest.approx(26.459627329192543, abs=1e-6)
     assert metrics["standard_error"] == pytest.approx(1.535711469748, abs=1e-6)
     assert (metrics["n_wins"], metrics["n_wins_base"], metrics["n_draws"], metrics["n"]) == (205, 584, 16, 805)
 
 
-def test_instruction_subset_is_seeded_and_shared(shared_data):
-    a = alpaca.load_instruction_set(shared_data, "text_davinci_003", subset_size=10, seed=3)
-    b = alpaca.load_instruction_set(shared_data, "gpt4_turbo", subset_size=10, seed=3)
-    c = alpaca.load_instruction_set(shared_data / "alpaca_eval", "alpaca-7b", subset_size=10, seed=4)
+def test_instruction_subset_is_seeded_and_shared(eval_data):
+    a = alpaca.load_instruction_set(eval_data, "text_davinci_003", subset_size=10, seed=3)
+    b = alpaca.load_instruction_set(eval_data, "gpt4_turbo", subset_size=10, seed=3)
+    c = alpaca.load_instruction_set(eval_data / "alpaca_eval", "text_davinci_003", subset_size=10, seed=4)
     assert a.indices == b.indices == sorted(a.indices) and len(a.indices) == 10
     assert a.indices != c.indices
     assert [r["instruction"] for r in a.reference] == [r["instruction"] for r in b.reference]
     assert {r["generator"] for r in a.reference} == {"text_davinci_003"}
     assert {r["generator"] for r in b.reference} == {"gpt4_1106_preview"}
     assert a.select(b.reference) == b.reference
-    full = alpaca.load_instruction_set(shared_data, "text_davinci_003")
+    full = alpaca.load_instruction_set(eval_data, "text_davinci_003")
     assert len(full.instructions) == 805 and full.indices == list(range(805))
 
 

@@ -90,9 +90,20 @@ def test_packaged_sources():
     assert len(docs.rows) > 50
 
 
-def test_shared_seed_sets_load_cleanly(shared_data):
-    lima = load_pairs([str(shared_data / "seed" / "lima_first_turn.jsonl")], "instruction", "response")
-    assert len(lima.rows) + len(lima.rejects) == 1029
+def test_real_gzipped_json_loads_as_pairs(eval_data):
+    """A real public file read through the .gz path: AlpacaEval's 805 instructions with the
+    reference answers as responses. Two of text_davinci_003's answers are empty; they are
+    rejected with the record and the reason, not dropped."""
+    ref = load_pairs([str(eval_data / "alpaca_eval" / "reference_text_davinci_003.json.gz")], "instruction", "output")
+    assert len(ref.rows) == 803
+    assert [(r.reason, r.file.endswith(".json.gz")) for r in ref.rejects] == [("field 'output' is empty", True)] * 2
+
+
+def test_corrupt_gzip_names_the_file(tmp_path):
+    bad = tmp_path / "seed.jsonl.gz"
+    bad.write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match="seed.jsonl.gz: not a readable gzip file"):
+        list(read_source(str(bad)))
 
 
 @settings(max_examples=60, deadline=None)

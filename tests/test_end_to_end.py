@@ -16,7 +16,6 @@ from harness.config import load_config
 from harness.iterate import iterate, open_run, planned_stages
 from harness.rundir import DONE, MANIFEST, RunDir
 from pipeline.io import read_jsonl
-from conftest import SHARED_DATA
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +25,7 @@ STAGES = ["seed", "corpus", "backward", "augment", "iter_00/finetune",
 EVALS = ["judge_check", "base/eval", "iter_00/eval", "iter_01/eval", "iter_02/eval"]
 
 
-def tiny_overrides(model: Path, shared: Path) -> dict:
+def tiny_overrides(model: Path) -> dict:
     train = {"max_steps": 3, "batch_size": 4, "max_seq_len": 256, "bf16": "off", "learning_rate": 1e-3,
              "lora_target_modules": ["q_proj", "v_proj"]}
     return {
@@ -41,7 +40,7 @@ def tiny_overrides(model: Path, shared: Path) -> dict:
         "select": {"k": 3.0},
         "finetune": train,
         "engine": {"bf16": "off"},
-        "eval": {"data_dir": str(shared), "alpaca_subset": 3, "judge": "humpback_longest_fake", "judge_check_pairs": 2,
+        "eval": {"data_dir": "packaged", "alpaca_subset": 3, "judge": "humpback_longest_fake", "judge_check_pairs": 2,
                  "min_judge_accuracy": 0.5, "heldout_tasks": ["truthfulqa_mc1"], "heldout_limit": 2,
                  "max_new_tokens": 12, "batch_size": 4},
         "gate": {"metrics": [{"metric": "truthfulqa_mc1/acc", "abs_tol": 1.0},
@@ -51,7 +50,7 @@ def tiny_overrides(model: Path, shared: Path) -> dict:
 
 
 def write_config(tmp_path: Path, model: Path, **section_overrides) -> Path:
-    tree = tiny_overrides(model, SHARED_DATA)
+    tree = tiny_overrides(model)
     for key, value in section_overrides.items():
         tree[key] = {**tree.get(key, {}), **value}
     path = tmp_path / "tiny.yaml"
@@ -60,7 +59,7 @@ def write_config(tmp_path: Path, model: Path, **section_overrides) -> Path:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tiny_model, shared_data, tmp_path_factory):
+def finished_run(tiny_model, eval_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     cfg = load_config(write_config(tmp, tiny_model))
     run = open_run(cfg, tmp / "run")
@@ -278,7 +277,7 @@ def test_gate_command_redecides_from_disk(finished_run, tmp_path, capsys):
     assert "iter_02: FAIL" in out and "alpaca_eval/win_rate: refused: this iteration's evaluator is untrusted" in out
 
 
-def test_standalone_eval_writes_the_same_layout(tiny_model, shared_data, tmp_path, capsys):
+def test_standalone_eval_writes_the_same_layout(tiny_model, eval_data, tmp_path, capsys):
     cfg_path = write_config(tmp_path, tiny_model)
     out = tmp_path / "eval-tiny"
     assert main(["eval", "--model", str(tiny_model), "--config", str(cfg_path), "--out", str(out)]) == 0

@@ -130,11 +130,11 @@ def test_config_differences():
     assert config_differences(None, sample=False) == []
 
 
-def test_generation_choice_enters_settings_only_for_the_engine(shared_data):
+def test_generation_choice_enters_settings_only_for_the_engine(eval_data):
     from harness import evaluate
     from harness.config import load_config
 
-    base = [f"eval.data_dir={shared_data}"]
+    base = [f"eval.data_dir={eval_data}"]
     engine = evaluate.eval_settings(load_config(None, base))
     stock = evaluate.eval_settings(load_config(None, [*base, "eval.heldout_generation=lm_eval"]))
     assert engine["heldout_generation"] == "engine_v1"

@@ -163,7 +163,6 @@ def test_target_only_loss_of_a_wrapped_output_head_and_of_no_targets(tiny_model)
     assert float(none) == 0.0 and all(g is None or not g.any() for g in grads)
 
 
-@pytest.mark.skipif(not __import__("pipeline.hardware", fromlist=["x"]).bf16_native(), reason="no native bf16")
 def test_trainer_with_target_only_loss_matches_transformers_loss_under_bf16(tiny_model, tmp_path, monkeypatch):
     """The Trainer's loss, bf16 mixed precision included (LoRA on a bf16 base): the same loss at
     every step as transformers' own. A loss computed outside accelerate's autocast parts from it

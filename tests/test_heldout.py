@@ -52,10 +52,10 @@ def lm_eval_task_yaml(relative: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def base_run(tiny_model, shared_data, tmp_path_factory):
+def base_run(tiny_model, eval_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("heldout-base")
     summary = run_heldout(
-        str(tiny_model), out, data_dir=shared_data, tasks=TASKS, limit=LIMIT, batch_size=4,
+        str(tiny_model), out, data_dir=eval_data, tasks=TASKS, limit=LIMIT, batch_size=4,
         max_gen_toks=4, system_prompt="Answer briefly.",
     )
     return out, summary
@@ -105,8 +105,8 @@ def test_mc2_template_brings_its_include(tmp_path):
     assert [p.name for p in out.glob("*.yaml")] == ["humpback_gsm8k.yaml"]
 
 
-def test_truthfulqa_records_take_the_hub_shape(shared_data):
-    rows = task_utils.read_records(shared_data / "heldout/truthfulqa/v1/mc_task.json")
+def test_truthfulqa_records_take_the_hub_shape(eval_data):
+    rows = task_utils.read_records(eval_data / "heldout/truthfulqa/v1/mc_task.json.gz")
     assert len(rows) == 817
     rec = task_utils.truthfulqa_record(rows[0])
     assert rec["mc1_targets"]["labels"][0] == 1 and sum(rec["mc1_targets"]["labels"]) == 1
@@ -197,7 +197,7 @@ def test_run_writes_raw_outputs(base_run):
     assert {p.name for p in (out / "tasks").glob("*.yaml")} == {f"humpback_{t}.yaml" for t in TASKS}
 
 
-def test_lora_adapter_directory(base_run, tiny_model, shared_data, tmp_path):
+def test_lora_adapter_directory(base_run, tiny_model, eval_data, tmp_path):
     """An adapter directory is evaluated on its base; its (non-zero) LoRA weights change scores."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -210,7 +210,7 @@ def test_lora_adapter_directory(base_run, tiny_model, shared_data, tmp_path):
 
     out = tmp_path / "eval"
     summary = run_heldout(
-        str(adapter_dir), out, data_dir=shared_data, tasks=["truthfulqa_mc1"], limit=LIMIT,
+        str(adapter_dir), out, data_dir=eval_data, tasks=["truthfulqa_mc1"], limit=LIMIT,
         system_prompt="Answer briefly.",
     )
     assert set(summary["metrics"]) == {"truthfulqa_mc1/acc"}
@@ -227,27 +227,27 @@ def test_lora_adapter_directory(base_run, tiny_model, shared_data, tmp_path):
     assert with_adapter != without
 
 
-def test_bad_inputs_are_refused_before_loading(tiny_model, shared_data, tmp_path):
+def test_bad_inputs_are_refused_before_loading(tiny_model, eval_data, tmp_path):
     with pytest.raises(HeldoutError, match="unknown"):
-        run_heldout(str(tiny_model), tmp_path, data_dir=shared_data, tasks=["mmlu"])
+        run_heldout(str(tiny_model), tmp_path, data_dir=eval_data, tasks=["mmlu"])
     with pytest.raises(HeldoutError, match="missing"):
         run_heldout(str(tiny_model), tmp_path, data_dir=tmp_path, tasks=["gsm8k"])
     with pytest.raises(HeldoutError, match="safetensors"):
-        run_heldout(str(tmp_path), tmp_path / "out", data_dir=shared_data, tasks=["gsm8k"])
+        run_heldout(str(tmp_path), tmp_path / "out", data_dir=eval_data, tasks=["gsm8k"])
     with pytest.raises(HeldoutError, match="unknown generation 'vllm'"):
-        run_heldout(str(tiny_model), tmp_path, data_dir=shared_data, tasks=["gsm8k"], generation="vllm")
+        run_heldout(str(tiny_model), tmp_path, data_dir=eval_data, tasks=["gsm8k"], generation="vllm")
     with pytest.raises(HeldoutError, match="unknown dtype 'float16'"):
-        run_heldout(str(tiny_model), tmp_path, data_dir=shared_data, tasks=["gsm8k"], dtype="float16")
+        run_heldout(str(tiny_model), tmp_path, data_dir=eval_data, tasks=["gsm8k"], dtype="float16")
 
 
-def test_bf16_evaluation_loads_bf16_weights_and_records_it(base_run, tiny_model, shared_data, tmp_path):
+def test_bf16_evaluation_loads_bf16_weights_and_records_it(base_run, tiny_model, eval_data, tmp_path):
     import torch
 
     from evals.heldout import SharedLM, resolve_model
 
     spec = resolve_model(str(tiny_model))
     shared = SharedLM(spec, batch_size=4, device="cpu", dtype="bfloat16")
-    summary = run_heldout(str(tiny_model), tmp_path, data_dir=shared_data, tasks=["truthfulqa_mc1"], limit=LIMIT,
+    summary = run_heldout(str(tiny_model), tmp_path, data_dir=eval_data, tasks=["truthfulqa_mc1"], limit=LIMIT,
                           batch_size=4, system_prompt="Answer briefly.", shared_lm=shared, dtype="bfloat16")
     assert {p.dtype for p in shared.get(spec, 4, "cpu", "engine", "bfloat16").model.parameters()} == {torch.bfloat16}
     assert summary["config"]["model"]["dtype"] == "bfloat16"

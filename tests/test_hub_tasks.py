@@ -232,7 +232,7 @@ def test_hub_run_matches_the_local_tasks_setup(tiny_model, toy_manager, tmp_path
     assert json.loads((tmp_path / "hub" / "summary.json").read_text())["metrics"] == summary["metrics"]
 
 
-def test_harness_runs_local_and_hub_tasks_on_one_loaded_model(tiny_model, toy_manager, shared_data, tmp_path,
+def test_harness_runs_local_and_hub_tasks_on_one_loaded_model(tiny_model, toy_manager, eval_data, tmp_path,
                                                               monkeypatch):
     import lm_eval.tasks
 
@@ -249,7 +249,7 @@ def test_harness_runs_local_and_hub_tasks_on_one_loaded_model(tiny_model, toy_ma
 
     trims = []
     monkeypatch.setattr(rundir, "trim_heap", lambda: trims.append(1))
-    cfg = load_config(None, [f"eval.data_dir={shared_data}", "eval.heldout_tasks=[truthfulqa_mc1]",
+    cfg = load_config(None, [f"eval.data_dir={eval_data}", "eval.heldout_tasks=[truthfulqa_mc1]",
                              "eval.heldout_hub_tasks=[toy]", "eval.heldout_limit=2", "eval.batch_size=4",
                              "eval.heldout_batch_size=2", "engine.device=cpu"])
     settings = evaluate.eval_settings(cfg)

@@ -5,9 +5,9 @@ here (or a copy of the shared data) and records every call; no network is touche
 from __future__ import annotations
 
 import hashlib
+import gzip
 import json
 import random
-import shutil
 from pathlib import Path
 
 import huggingface_hub
@@ -49,8 +49,9 @@ class FakeHub:
     def put(self, filename: str, records: list[dict] | None = None, source: Path | None = None) -> Path:
         path = self.root / "datasets--tatsu-lab--alpaca_eval" / "snapshots" / COMMIT / filename
         path.parent.mkdir(parents=True, exist_ok=True)
-        if source is not None:
-            shutil.copyfile(source, path)
+        if source is not None:  # the hub serves plain JSON; the packaged copy is gzipped
+            raw = source.read_bytes()
+            path.write_bytes(gzip.decompress(raw) if source.name.endswith(".gz") else raw)
         else:
             path.write_text(json.dumps(records, indent=1))
         return path
@@ -114,12 +115,12 @@ def test_gpt4_turbo_reference_and_revision_come_from_the_baseline_file(tmp_path,
     assert got.provenance()["reference_hub"]["revision"] == "v1.0"
 
 
-def test_hub_and_local_files_give_the_same_subset(tmp_path, hub, shared_data):
+def test_hub_and_local_files_give_the_same_subset(tmp_path, hub, eval_data):
     """The real local reference served as the hub file: the same seeded instructions either way."""
     from evals import alpaca
 
-    hub.put("alpaca_eval.json", source=shared_data / "alpaca_eval" / "reference_text_davinci_003.json")
-    local = alpaca.load_instruction_set(shared_data, "text_davinci_003", subset_size=16, seed=7, source="local")
+    hub.put("alpaca_eval.json", source=eval_data / "alpaca_eval" / "reference_text_davinci_003.json.gz")
+    local = alpaca.load_instruction_set(eval_data, "text_davinci_003", subset_size=16, seed=7, source="local")
     remote = alpaca.load_instruction_set(tmp_path / "nowhere", "text_davinci_003", subset_size=16, seed=7,
                                          source="auto")
     assert remote.indices == local.indices and len(local.indices) == 16
@@ -129,13 +130,13 @@ def test_hub_and_local_files_give_the_same_subset(tmp_path, hub, shared_data):
     assert local.provenance()["reference_hub"] is None
 
 
-def test_auto_prefers_the_local_file(hub, shared_data):
+def test_auto_prefers_the_local_file(hub, eval_data):
     from evals import alpaca
 
-    got = alpaca.load_instruction_set(shared_data, "text_davinci_003", subset_size=3, seed=0, source="auto")
+    got = alpaca.load_instruction_set(eval_data, "text_davinci_003", subset_size=3, seed=0, source="auto")
     assert hub.calls == [] and got.provenance()["reference_source"] == "local"
-    assert sources.planned_kind(shared_data, "text_davinci_003", "auto") == "local"
-    assert sources.planned_kind(shared_data, "text_davinci_003", "hub") == "hub"
+    assert sources.planned_kind(eval_data, "text_davinci_003", "auto") == "local"
+    assert sources.planned_kind(eval_data, "text_davinci_003", "hub") == "hub"
 
 
 def test_offline_without_local_file_names_both_failures(tmp_path, hub):
@@ -208,9 +209,9 @@ def test_unreachable_hub_lists_alpaca_as_unchecked_with_the_reason(tmp_path, hub
     assert "LocalEntryNotFoundError" in stats["not_checked_reasons"]["alpaca_eval"]
 
 
-def test_local_data_keeps_the_local_alpaca_prompts(tmp_path, hub, shared_data):
+def test_local_data_keeps_the_local_alpaca_prompts(tmp_path, hub, eval_data):
     cfg = load_config(None, [f"seed.path={write_seed(tmp_path, 'Nothing to see here, a harmless instruction.')}",
-                             f"eval.data_dir={shared_data}"])
+                             f"eval.data_dir={eval_data}"])
     stats = stages.prepare_seed(RunDir(tmp_path / "run"), cfg).stats
     assert hub.calls == [] and stats["not_checked"] == []
     assert stats["sources"]["alpaca_eval"].startswith("local:")
@@ -283,8 +284,8 @@ def test_cli_exits_3_before_any_work_when_hub_and_folder_fail(tmp_path, hub, cap
     assert not (tmp_path / "run" / "seed").exists()
 
 
-def test_eval_settings_change_only_when_the_hub_is_used(tmp_path, shared_data):
-    local = evaluate.eval_settings(load_config(None, [f"eval.data_dir={shared_data}"]))
+def test_eval_settings_change_only_when_the_hub_is_used(tmp_path, eval_data):
+    local = evaluate.eval_settings(load_config(None, [f"eval.data_dir={eval_data}"]))
     assert not {"alpaca_source", "alpaca_hub_revision", "heldout_hub_tasks"} & set(local)
     remote = evaluate.eval_settings(hub_only(tmp_path, "eval.alpaca_hub_revision=abc",
                                              "eval.heldout_hub_tasks=[mmlu]", "eval.heldout_hub_num_fewshot={mmlu: 5}"))
@@ -292,8 +293,8 @@ def test_eval_settings_change_only_when_the_hub_is_used(tmp_path, shared_data):
     assert remote["heldout_hub_tasks"] == ["mmlu"] and remote["heldout_hub_num_fewshot"] == {"mmlu": 5}
 
 
-def test_heldout_batch_size_enters_the_eval_settings_only_when_set(shared_data):
-    unset = evaluate.eval_settings(load_config(None, [f"eval.data_dir={shared_data}"]))
+def test_heldout_batch_size_enters_the_eval_settings_only_when_set(eval_data):
+    unset = evaluate.eval_settings(load_config(None, [f"eval.data_dir={eval_data}"]))
     assert "heldout_batch_size" not in unset  # earlier runs keep their cache keys
-    assert evaluate.eval_settings(load_config(None, [f"eval.data_dir={shared_data}",
+    assert evaluate.eval_settings(load_config(None, [f"eval.data_dir={eval_data}",
                                                      "eval.heldout_batch_size=4"]))["heldout_batch_size"] == 4

@@ -1,5 +1,6 @@
 """Stages that need no model: seed loading with the contamination check."""
 
+import gzip
 import json
 
 from harness.config import load_config
@@ -8,15 +9,15 @@ from harness.stages import prepare_seed
 from pipeline.io import read_jsonl
 
 
-def test_seed_pairs_overlapping_an_eval_prompt_are_rejected(tmp_path, shared_data):
-    alpaca = json.loads((shared_data / "alpaca_eval" / "reference_text_davinci_003.json").read_text())
+def test_seed_pairs_overlapping_an_eval_prompt_are_rejected(tmp_path, eval_data):
+    alpaca = json.loads(gzip.decompress((eval_data / "alpaca_eval" / "reference_text_davinci_003.json.gz").read_bytes()))
     leaked = alpaca[3]["instruction"]
     seed = tmp_path / "seed.jsonl"
     seed.write_text("\n".join(json.dumps(r) for r in [
         {"instruction": "Describe how bread dough rises and what yeast does during proofing.", "response": "Yeast ferments sugars."},
         {"instruction": leaked, "response": "A copied evaluation prompt."},
     ]) + "\n")
-    cfg = load_config(None, [f"seed.path={seed}", f"eval.data_dir={shared_data}"])
+    cfg = load_config(None, [f"seed.path={seed}", f"eval.data_dir={eval_data}"])
     result = prepare_seed(RunDir(tmp_path / "run"), cfg)
     assert result.stats["kept"] == 1 and result.stats["contaminated"] == 1
     assert set(result.stats["checked_against"]) == {"alpaca_eval", "ifeval", "truthfulqa", "gsm8k"}
@@ -86,10 +87,10 @@ def test_engine_device_resolves_auto():
     assert stages.engine_device(load_config(None, ["engine.device=cuda:1"])) == "cuda:1"
 
 
-def test_eval_dtype_enters_settings_only_when_not_the_default(shared_data):
+def test_eval_dtype_enters_settings_only_when_not_the_default(eval_data):
     from harness import evaluate
 
-    base = [f"eval.data_dir={shared_data}"]
+    base = [f"eval.data_dir={eval_data}"]
     default = evaluate.eval_settings(load_config(None, base))
     bf16 = evaluate.eval_settings(load_config(None, [*base, "eval.dtype=bfloat16"]))
     assert "dtype" not in default  # evaluations made before the option keep their cache keys

@@ -1,8 +1,8 @@
 """Dataset loaders and metric hooks for the ``humpback_*`` lm-eval tasks.
 
 The task YAMLs next to this file mirror lm-eval's built-in ``ifeval``, ``truthfulqa_mc1``,
-``truthfulqa_mc2`` and ``gsm8k`` tasks, but read local files (whose licenses forbid copying them
-into this repository) instead of the Hugging Face hub. lm-eval calls a task's
+``truthfulqa_mc2`` and ``gsm8k`` tasks, but read local files (the copies shipped in ``evals/data/``, or
+another folder laid out the same way) instead of the Hugging Face hub. lm-eval calls a task's
 ``custom_dataset`` with the task's metadata and ``dataset_kwargs`` as keyword arguments, so
 every loader takes ``**_`` for the keys it does not use.
 
@@ -22,6 +22,8 @@ from typing import Any
 
 import datasets
 
+from pipeline.io import read_text
+
 # A distribution on PyPI that ships NLTK's punkt_tab data as plain files (no pickles), found
 # through its metadata so the package itself is never imported (it is installed --no-deps).
 NLTK_DATA_DISTRIBUTION = "llama-index-core"
@@ -34,10 +36,11 @@ class NltkDataError(RuntimeError):
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a ``.jsonl`` file (one JSON object a line) or a ``.json`` list."""
+    """Records of a ``.jsonl`` file (one JSON object a line) or a ``.json`` list, either of them
+    possibly gzip-compressed (``.gz``)."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
+    text = read_text(path)
+    if path.name.removesuffix(".gz").endswith(".jsonl"):
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     rows = json.loads(text)
     if not isinstance(rows, list):
