@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 import torch
 
-from harness.config import CurateSection, FinetuneSection, RunConfig
+from pipeline.settings import CurateSection, FinetuneSection
+from harness.config import RunConfig
 from pipeline import curate, data
 from pipeline.corpus import segment_document
 from pipeline.engine import Chat, SamplingParams, TransformersEngine
@@ -115,7 +116,7 @@ class Round:
 
 
 def seed_pairs() -> list[dict[str, str]]:
-    """The 48 packaged seed pairs (harness/resources/demo_seed.jsonl)."""
+    """The 48 packaged seed pairs (pipeline/resources/demo_seed.jsonl)."""
     return data.load_pairs(["resource:demo_seed.jsonl"], "instruction", "response").rows
 
 

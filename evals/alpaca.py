@@ -63,11 +63,10 @@ import torch
 
 from evals import sources
 from evals.sources import REFERENCES  # noqa: F401 (re-exported: the named references)
-from harness.config import settings_digest
-from harness.rundir import combine_digests, file_digest, tree_digests, write_json_atomic
+from pipeline.digests import file_digest, model_dir_digest, settings_digest
 from pipeline.engine import Engine, SamplingParams, TransformersEngine
 from pipeline.models import load_model, load_tokenizer, resolve_base
-from pipeline.io import content_digest, read_text
+from pipeline.io import content_digest, read_text, write_json_atomic
 from pipeline.prompts import forward_messages
 
 # alpaca_eval sets the root logger to INFO when its annotators are imported, and its utils import
@@ -381,8 +380,7 @@ def _weights_digest(resolved: str) -> str:
     path = Path(resolved)
     if not path.is_dir():
         return resolved  # a hub id: its name is all we know offline
-    files = {k: v for k, v in tree_digests(path).items() if k.endswith((".safetensors", ".json", ".jinja"))}
-    return combine_digests(files)
+    return model_dir_digest(path)
 
 
 @dataclass

@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from evals import bundled
-from harness.config import settings_digest
-from harness.rundir import file_digest, package_versions, write_json_atomic
-from pipeline.io import content_digest
+from pipeline.digests import file_digest, package_versions, settings_digest
+from pipeline.io import content_digest, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +270,7 @@ def _trimming_hflm():
     per batch."""
     from lm_eval.models.huggingface import HFLM
 
-    from harness import rundir
+    from pipeline import memory
 
     class TrimmingHFLM(HFLM):
         engine_generation = False
@@ -287,16 +286,16 @@ def _trimming_hflm():
                 return super().generate_until(requests, disable_tqdm)
             from evals.engine_generation import engine_generate_until
 
-            rundir.trim_heap()
+            memory.trim_heap()
             return engine_generate_until(
                 self, requests, lambda group: super(TrimmingHFLM, self).generate_until(group, disable_tqdm))
 
         def _model_call(self, *args, **kwargs):
-            rundir.trim_heap()
+            memory.trim_heap()
             return super()._model_call(*args, **kwargs)
 
         def _model_generate(self, *args, **kwargs):
-            rundir.trim_heap()
+            memory.trim_heap()
             return super()._model_generate(*args, **kwargs)
 
     return TrimmingHFLM

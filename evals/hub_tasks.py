@@ -54,8 +54,8 @@ from evals.heldout import (
     weights_digest,
     write_raw_outputs,
 )
-from harness.config import settings_digest
-from harness.rundir import file_digest, package_versions, write_json_atomic
+from pipeline.digests import file_digest, package_versions, settings_digest
+from pipeline.io import write_json_atomic
 from pipeline.data import DataError
 
 log = logging.getLogger(__name__)

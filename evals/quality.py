@@ -197,7 +197,7 @@ def collect_eval_prompt_sets(
 
 
 def load_labelled_pairs(name: str = "curation_labelled_v1.jsonl") -> list[dict[str, Any]]:
-    ref = resources.files("harness") / "resources" / name
+    ref = resources.files("evals") / "resources" / name
     return [json.loads(line) for line in ref.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 

@@ -157,7 +157,7 @@ def _on_run_dir(args) -> int:
         print(_closing(root))
         return 0
     from harness.iterate import gate_decision
-    from harness.rundir import write_json_atomic
+    from pipeline.io import write_json_atomic
 
     status = 0
     for t in range(1, cfg.iterate.iterations + 1):

@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from harness import stages
-from harness.config import RunConfig, settings_digest
-from harness.rundir import RunDir, StageContext, StageResult, release_memory, write_json_atomic
+from harness.config import RunConfig
+from pipeline.digests import settings_digest
+from harness.rundir import RunDir, StageContext, StageResult
+from pipeline.io import write_json_atomic
+from pipeline.memory import release_memory
 from pipeline import hardware
 from pipeline.io import write_jsonl
 from pipeline.models import resolve_base
@@ -109,7 +112,7 @@ def check_judge_stage(run: RunDir, cfg: RunConfig) -> StageResult:
 def _judge_model(cfg: RunConfig) -> str | None:
     from evals import alpaca
 
-    if not alpaca.Judge(cfg.eval.judge).needs_engine:
+    if not alpaca.Judge(cfg.eval.judge).needs_engine():
         return None
     return resolve_base(judge_model_spec(cfg))
 

@@ -12,7 +12,8 @@ from typing import Any
 
 from harness import evaluate, gate, stages
 from harness.config import RunConfig, dump_config
-from harness.rundir import RunDir, StageResult, write_json_atomic
+from harness.rundir import RunDir, StageResult
+from pipeline.io import write_json_atomic
 from pipeline import hardware
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,8 @@ import torch
 
 from harness.config import RunConfig
 from evals import quality
-from harness.rundir import RunDir, StageContext, StageResult, combine_digests, tree_digests
+from harness.rundir import RunDir, StageContext, StageResult
+from pipeline.digests import model_dir_digest
 from pipeline import augment, corpus, curate, data, hardware
 from pipeline.engine import TransformersEngine
 from pipeline.finetune import finetune
@@ -39,8 +40,7 @@ def model_input(spec: str, revision: str | None = None, name: str = "base") -> S
     resolved = resolve_base(spec, revision)
     path = Path(resolved)
     if path.is_dir():
-        files = {k: v for k, v in tree_digests(path).items() if k.endswith((".safetensors", ".json", ".jinja"))}
-        digest = combine_digests(files)
+        digest = model_dir_digest(path)
     else:
         digest = f"{resolved}@{revision or 'main'}"
     return StageResult(name, path, {"output_digest": digest, "resolved": resolved})

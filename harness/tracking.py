@@ -40,8 +40,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from harness.config import settings_digest
-from harness.rundir import file_digest
+from pipeline.digests import file_digest, settings_digest
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
-from harness.config import AugmentSection
+from pipeline.settings import AugmentSection
 from pipeline.corpus import words
 from pipeline.engine import Engine, SamplingParams
 from pipeline.prompts import backward_messages, render

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 from datasketch import MinHash, MinHashLSH
 
-from harness.config import CorpusSection
+from pipeline.settings import CorpusSection
 
 _MD_HEADER = re.compile(r"^\s{0,3}#{1,6}\s+\S")
 _UNDERLINE = re.compile(r"^\s*([=\-~^*\"#+`])\1{2,}\s*$")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Sequence
 
-from harness.config import CurateSection, SelectSection
+from pipeline.settings import CurateSection, SelectSection
 from pipeline.engine import Engine, SamplingParams
 from pipeline.prompts import curation_messages, parse_score
 

@@ -63,7 +63,7 @@ def source_fingerprint(spec: str) -> str:
 
         return f"{spec}@{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
     if spec.startswith("resource:"):
-        ref = resources.files("harness") / "resources" / spec[len("resource:") :]
+        ref = resources.files("pipeline") / "resources" / spec[len("resource:") :]
         return hashlib.sha256(ref.read_bytes()).hexdigest() if ref.is_file() else spec
     path = Path(spec)
     if path.is_file():
@@ -81,7 +81,7 @@ def read_source(spec: str) -> Iterator[Record | Reject]:
         return
     if spec.startswith("resource:"):
         name = spec[len("resource:") :]
-        ref = resources.files("harness") / "resources" / name
+        ref = resources.files("pipeline") / "resources" / name
         if not ref.is_file():
             raise DataError(f"{spec}: no packaged resource named {name!r}")
         yield from _read_bytes(spec, name, ref.read_bytes())

@@ -18,7 +18,7 @@ import torch
 from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 
-from harness.config import TrainSection
+from pipeline.settings import TrainSection
 from pipeline import hardware
 from pipeline.dropout import use_lane_dropout
 from pipeline.models import load_model, load_tokenizer

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from harness.rundir import file_digest
+from pipeline.digests import file_digest
 
 log = logging.getLogger(__name__)
 

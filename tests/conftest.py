@@ -18,7 +18,7 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def _training_text() -> list[str]:
-    rows = [json.loads(x) for x in (REPO / "harness" / "resources" / "demo_seed.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (REPO / "pipeline" / "resources" / "demo_seed.jsonl").read_text().splitlines()]
     text = [r["instruction"] + "\n" + r["response"] for r in rows]
     text += ["Score: 1 2 3 4 5", "system user assistant", "Text: Instruction: Answer:"]
     return text

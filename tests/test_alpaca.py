@@ -279,7 +279,7 @@ def test_local_logprob_judge_end_to_end(tiny_model, tmp_path):
 def test_judge_dtype_loads_the_model_and_keys_its_cache(tiny_model):
     import torch
 
-    from harness.config import settings_digest
+    from pipeline.digests import settings_digest
 
     fp32 = alpaca.Judge(alpaca.LOCAL_JUDGE, model=str(tiny_model))
     bf16 = alpaca.Judge(alpaca.LOCAL_JUDGE, model=str(tiny_model), dtype="bfloat16")

@@ -1,6 +1,6 @@
 import pytest
 
-from harness.config import AugmentSection
+from pipeline.settings import AugmentSection
 from pipeline.augment import degenerate_reason, generate_instructions
 from pipeline.engine import Completion
 from pipeline.prompts import render

@@ -1,4 +1,4 @@
-from harness.config import CorpusSection
+from pipeline.settings import CorpusSection
 from pipeline.corpus import (
     boilerplate_line_fraction,
     deduplicate,

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.config import TrainSection, load_config
+from pipeline.settings import TrainSection
+from harness.config import load_config
 from harness.stages import make_engine
 from pipeline import hardware
 from pipeline.dropout import LaneDropout
@@ -112,16 +113,16 @@ def test_lora_finetune_on_cuda(tiny_model, tmp_path, bf16):
 
 
 def test_cached_gpu_memory_counts_as_free_and_is_returned_after_a_stage():
-    from harness import rundir
+    from pipeline import memory
 
     block = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-    rundir.reset_gpu_peak()
+    memory.reset_gpu_peak()
     del block  # back in torch's cache, not yet the device's
     cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
     assert cached >= 256 * 2**20
     device_free = torch.cuda.mem_get_info()[0]
     assert hardware.free_memory_bytes(torch.device("cuda")) - device_free >= 256 * 2**20
-    assert rundir.gpu_peak_mib() >= 256
+    assert memory.gpu_peak_mib() >= 256
     reserved = torch.cuda.memory_reserved()
-    rundir.release_gpu_cache()
+    memory.release_gpu_cache()
     assert torch.cuda.memory_reserved() <= reserved - 256 * 2**20

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.config import TrainSection
+from pipeline.settings import TrainSection
 from pipeline.finetune import IGNORE, encode_example, finetune, target_only_loss
 from pipeline.models import is_adapter, load_model, load_tokenizer
 

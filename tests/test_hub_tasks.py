@@ -245,10 +245,10 @@ def test_harness_runs_local_and_hub_tasks_on_one_loaded_model(tiny_model, toy_ma
     built = []
     real_build = heldout.build_lm
     monkeypatch.setattr(heldout, "build_lm", lambda *a, **k: built.append(k["batch_size"]) or real_build(*a, **k))
-    from harness import rundir
+    from pipeline import memory
 
     trims = []
-    monkeypatch.setattr(rundir, "trim_heap", lambda: trims.append(1))
+    monkeypatch.setattr(memory, "trim_heap", lambda: trims.append(1))
     cfg = load_config(None, [f"eval.data_dir={eval_data}", "eval.heldout_tasks=[truthfulqa_mc1]",
                              "eval.heldout_hub_tasks=[toy]", "eval.heldout_limit=2", "eval.batch_size=4",
                              "eval.heldout_batch_size=2", "engine.device=cpu"])

