@@ -70,11 +70,6 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def model_flops(parameters: int, tokens: int) -> float:
-    """``2 * P * T``: one multiply-add per parameter per processed token (forward pass)."""
-    return 2.0 * parameters * tokens
-
-
 def mfu(flops: float, seconds: float, peak_gflops: float) -> float:
     """Model FLOPs utilization: achieved FLOP/s over the measured peak."""
     return flops / seconds / (peak_gflops * 1e9)

@@ -1,10 +1,8 @@
 """lm-eval's ``generate_until`` requests answered by the project's engine.
 
 lm-eval's HF model generates with ``model.generate`` on batches padded to their longest prompt,
-and a batch keeps decoding until its last row has stopped. On the demo's M1 (10 IFEval and 10
-GSM8K documents, 192 new tokens) its generation took 104 s of a 142-second held-out evaluation;
-through the engine (batches of 16) the held-out evaluation took 106 s, with the same answers on
-every document. The engine
+and a batch keeps decoding until its last row has stopped, which made generation most of a
+held-out evaluation's time (docs/measurements.md). The engine
 (:class:`pipeline.engine.TransformersEngine`) prefills rows of similar length together, drops
 rows as they stop and stops each row at its own stop string, on the same model object lm-eval
 loaded (fp32, adapter and all), so the held-out scores keep their dtype.

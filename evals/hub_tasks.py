@@ -3,7 +3,7 @@
 ``eval.heldout_hub_tasks`` names tasks, groups or tags of lm-eval's default task index (the
 paper's commonsense set is ``arc_easy``, ``arc_challenge``, ``piqa``, ``social_iqa``,
 ``openbookqa``, and ``mmlu``). They run in addition to the project's local ``humpback_*``
-tasks (:mod:`evals.heldout`) and exactly like them: the same model loading (:func:`build_lm`:
+tasks (:mod:`evals.heldout`) and exactly like them: the same model loading (:mod:`evals.lm_eval_runner`:
 fp32, the project's tokenizer with its chat-template fallback, LoRA adapters unmerged), chat
 template applied with few-shot examples as turns, the same system prompt and seeds, and a seeded
 random subset of documents (lm-eval's ``samples``) in place of lm-eval's first-N ``limit``.
@@ -31,32 +31,27 @@ import functools
 import hashlib
 import json
 import logging
-import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from evals.heldout import (
-    BOOTSTRAP_ITERS,
+from evals.lm_eval_runner import (
     DTYPE,
-    GENERATION_VERSIONS,
-    VERSIONED_PACKAGES,
     HeldoutError,
     SharedLM,
     check_dtype,
     check_generation,
-    metric_name,
+    metric_rows,
+    model_config,
+    model_paths,
     resolve_model,
-    seeded_evaluate,
-    tokenizer_digest,
-    weights_digest,
-    write_raw_outputs,
+    run_and_record,
+    run_settings,
+    seeded_subset,
 )
-from pipeline.digests import file_digest, package_versions, settings_digest
-from pipeline.io import write_json_atomic
 from pipeline.data import DataError
+from pipeline.digests import file_digest, settings_digest
 
 log = logging.getLogger(__name__)
 
@@ -175,10 +170,7 @@ def choose_hub_samples(data_key: str, n_docs: int, limit: int, seed: int) -> lis
     """A reproducible subset of ``n_docs`` document indices (sorted), seeded by the task's data
     (``data_key``: dataset, configuration, split and data files) rather than its name, so tasks over
     the same documents ask the same questions and a subset does not depend on the other tasks run."""
-    if limit >= n_docs:
-        return list(range(n_docs))
-    rng = random.Random(f"{seed}:hub:{data_key}")
-    return sorted(rng.sample(range(n_docs), limit))
+    return seeded_subset(f"hub:{data_key}", n_docs, limit, seed)
 
 
 def _task_record(task: Any, yaml_path: Path | None) -> tuple[str, dict[str, Any], int]:
@@ -282,12 +274,6 @@ def prepare_hub_tasks(
                        tasks=records, limit=limit, seed=seed, num_fewshot=num_fewshot, task_manager=task_manager)
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        return None
-    return float(value)
-
-
 def _effective_n(results: Mapping[str, Any], name: str) -> int | None:
     counts = results.get("n-samples", {})
     if name in counts:
@@ -324,24 +310,8 @@ def summarize_hub_metrics(
             raise HubTaskError(f"lm-eval returned no results for {name!r}")
     out: dict[str, dict[str, Any]] = {}
     for name in rows:
-        row = results["results"][name]
-        directions = results.get("higher_is_better", {}).get(name, {}) or {}
-        for key, raw in row.items():
-            parsed = metric_name(name, key)
-            value = _number(raw)
-            if parsed is None or value is None:
-                continue
-            full, metric = parsed
-            direction = directions.get(metric)
-            out[full] = {
-                "value": value,
-                "stderr": _number(row.get(key.replace(",", "_stderr,", 1))),
-                "n": _effective_n(results, name),
-                "task": name,
-                "task_version": results.get("versions", {}).get(name),
-                "higher_is_better": True if direction is None else bool(direction),
-                "source": SOURCE,
-            }
+        for full, entry in metric_rows(results, name, name, _effective_n(results, name), default_direction=True).items():
+            out[full] = {**entry, "source": SOURCE}
     return dict(sorted(out.items()))
 
 
@@ -382,40 +352,20 @@ def run_hub_tasks(
         "source": SOURCE,
         "tasks": plan.tasks,
         "num_fewshot": plan.num_fewshot,
-        "model": {"weights_digest": weights_digest(spec), "tokenizer_digest": tokenizer_digest(spec.tokenizer),
-                  "adapter": spec.adapter is not None, "dtype": dtype},
+        "model": model_config(spec, dtype),
         "limit": plan.limit,
         "sample_indices_digest": settings_digest(plan.samples) if plan.samples is not None else None,
-        "seed": plan.seed,
-        "batch_size": batch_size,
-        "system_prompt": system_prompt,
-        "apply_chat_template": True,
-        "fewshot_as_multiturn": True,
-        "bootstrap_iters": BOOTSTRAP_ITERS,
-        "device": device,
-        "generation": GENERATION_VERSIONS[generation],
-        "packages": package_versions(VERSIONED_PACKAGES),
+        **run_settings(seed=plan.seed, batch_size=batch_size, system_prompt=system_prompt, device=device,
+                       generation=generation),
     }
-    paths = {"model": str(spec.path), "base": str(spec.base), "adapter": str(spec.adapter) if spec.adapter else None,
-             "tokenizer": str(spec.tokenizer)}
     shared = shared_lm or SharedLM(spec, batch_size=batch_size, device=device, generation=generation, dtype=dtype)
     lm = shared.get(spec, batch_size, device, generation, dtype)
     log.info("hub held-out evaluation of %s on %s (limit=%s, seed=%s)", spec.path, plan.names, plan.limit, plan.seed)
-    results = seeded_evaluate(lm, plan.objects, plan.task_manager, plan.samples, config, system_prompt)
-    results = dict(results)
-    written = write_raw_outputs(results, out_dir, {"config": config, "paths": paths, "sample_indices": plan.samples})
-    summary = {
-        "metrics": summarize_hub_metrics(results, plan.names, plan.members),
-        "config": config,
-        "config_digest": settings_digest(config),
-        "seconds": round(time.perf_counter() - started, 3),
-        "paths": paths,
-        "files": {"results": "results.json", "samples": written},
-    }
-    write_json_atomic(out_dir / "summary.json", summary)
-    log.info("hub held-out metrics (%.0f s): %s", summary["seconds"],
-             {k: round(v["value"], 4) for k, v in summary["metrics"].items()})
-    return summary
+    return run_and_record(
+        lm, plan.objects, plan.task_manager, plan.samples, config=config, paths=model_paths(spec), out_dir=out_dir,
+        summarize=lambda results: summarize_hub_metrics(results, plan.names, plan.members), started=started,
+        label="hub held-out")
+
 
 
 def data_digest(plan: HubTaskPlan, task: str) -> str | None:

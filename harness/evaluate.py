@@ -179,7 +179,7 @@ def _alpaca_metrics(cfg, prefix, model_path, out_dir: Path, cache: Path, check: 
 def _heldout_metrics(cfg, model_path: str, work: Path, settings: dict) -> dict:
     """Local held-out tasks (``work/heldout/``) and lm-eval hub tasks (``work/heldout_hub/``) on one
     loaded model; hub tasks are validated and their data fetched before the model loads."""
-    from evals import heldout, hub_tasks
+    from evals import heldout, hub_tasks, lm_eval_runner
 
     ev = cfg.eval
     if not ev.heldout_tasks and not ev.heldout_hub_tasks:
@@ -196,9 +196,9 @@ def _heldout_metrics(cfg, model_path: str, work: Path, settings: dict) -> dict:
     batch_size = ev.heldout_batch_size or ev.batch_size
     # The engine's generation batches are AlpacaEval's answering batches (eval.batch_size); the
     # held-out batch size is for lm-eval's log-likelihood logits.
-    shared = heldout.SharedLM(heldout.resolve_model(model_path), batch_size=batch_size, device=device,
-                              generation=ev.heldout_generation, engine_batch_size=ev.batch_size,
-                              kv_cache_gib=cfg.engine.kv_cache_gib, dtype=ev.dtype)
+    shared = lm_eval_runner.SharedLM(lm_eval_runner.resolve_model(model_path), batch_size=batch_size, device=device,
+                                     generation=ev.heldout_generation, engine_batch_size=ev.batch_size,
+                                     kv_cache_gib=cfg.engine.kv_cache_gib, dtype=ev.dtype)
     digest = settings_digest(settings)
     metrics: dict[str, Any] = {}
     if ev.heldout_tasks:

@@ -155,7 +155,7 @@ class RunDir:
         if peak is None or rss_start is None or peak - rss_start > memory.RELEASE_AFTER_MIB:
             memory.release_memory()
         else:
-            memory.trim_heap()  # a full garbage collection takes 0.3 s in a process with the ML libraries loaded
+            memory.trim_heap()  # a full garbage collection takes a noticeable time with the ML libraries loaded
             memory.release_gpu_cache()
         rss_end = memory.current_rss_mib()
         log.info("stage %s: done in %.1f s; memory peak %s MiB, %s MiB at start, %s MiB after%s",

@@ -53,8 +53,7 @@ def system_prompt(cfg: RunConfig) -> str | None:
 
 def make_engine(model_path: str, cfg: RunConfig, batch_size: int) -> TransformersEngine:
     hardware.configure_threads(cfg.engine.threads)
-    # bf16 weights, not autocast: autocast would re-cast every fp32 weight at every decoding step
-    # (on the 2-core reference CPU that was 27% of the time; bf16 weights generated 1.8x faster).
+    # bf16 weights, not autocast: autocast would re-cast every fp32 weight at every decoding step.
     dtype = torch.bfloat16 if engine_bf16(cfg) else torch.float32
     # A plain model loads in its engine dtype, so no fp32 copy of it ever exists (a 7B model: 14
     # instead of 28 GB while loading). An adapter is merged into its base in fp32 and the merged

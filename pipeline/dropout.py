@@ -1,11 +1,9 @@
 """Dropout for LoRA training on CPUs, with masks drawn four elements per random number.
 
-torch's CPU dropout draws one Bernoulli sample per element. In the benchmark's bf16 LoRA step on
-SmolLM2-135M (dropout on the input of all seven projections of 8 layers) those draws took 1.13 s
-of a 10.4-second round, as long in bf16 as in fp32. Here each 64-bit random integer is split
-into four 16-bit lanes and an element is dropped when its lane falls below ``p * 2**16``: an
-8 x 372 x 576 mask took 2.4 ms instead of 8.8 ms, and in interleaved rounds of the benchmark's
-LoRA step the bf16 step ran at 514 instead of 479 tokens/s, the fp32 step at 321 instead of 308.
+torch's CPU dropout draws one Bernoulli sample per element, a visible share of a LoRA step whose
+every projection input is dropped out, and no cheaper in bf16 than in fp32. Here each 64-bit
+random integer is split into four 16-bit lanes and an element is dropped when its lane falls
+below ``p * 2**16``: a quarter of the random draws (timings in benchmarks/README.md).
 
 ``p`` is rounded to a multiple of 1/65536 (0.05 becomes 0.0500031) and kept elements are scaled by
 1 / (1 - rounded p), so the expectation of every element is unchanged. GPUs draw dropout masks

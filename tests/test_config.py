@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -69,15 +70,23 @@ def test_digest_changes_only_with_its_section():
 
 
 def test_every_key_is_settable():
-    # Each documented key round-trips through an override of its current value.
-    cfg = load_config(None)
-    dump = cfg.model_dump(mode="json")
+    # Each documented key round-trips through an override of its current value, written as JSON
+    # (which is YAML): lists, mappings and null included.
+    dump = load_config(None).model_dump(mode="json")
+    assert len(valid_keys()) > 50
     for key in valid_keys():
         section, name = key.split(".")
         value = dump[section][name]
-        if value is None or isinstance(value, (list, dict)):
-            continue
-        load_config(None, [f"{key}={value}"])
+        got = load_config(None, [f"{key}={json.dumps(value)}"]).model_dump(mode="json")[section][name]
+        assert got == value, key
+
+
+def test_an_override_changes_exactly_its_key():
+    base = load_config(None).model_dump(mode="json")
+    changed = load_config(None, ["curate.batch_size=3"]).model_dump(mode="json")
+    assert changed["curate"]["batch_size"] == 3 and base["curate"]["batch_size"] != 3
+    changed["curate"]["batch_size"] = base["curate"]["batch_size"]
+    assert changed == base
 
 
 def test_yaml_1_1_booleans_stay_words_where_a_string_is_wanted(tmp_path):

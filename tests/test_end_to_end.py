@@ -43,8 +43,8 @@ def tiny_overrides(model: Path) -> dict:
         "eval": {"data_dir": "packaged", "alpaca_subset": 3, "judge": "humpback_longest_fake", "judge_check_pairs": 2,
                  "min_judge_accuracy": 0.5, "heldout_tasks": ["truthfulqa_mc1"], "heldout_limit": 2,
                  "max_new_tokens": 12, "batch_size": 4},
-        "gate": {"metrics": [{"metric": "truthfulqa_mc1/acc", "abs_tol": 1.0},
-                             {"metric": "alpaca_eval/win_rate", "abs_tol": 100.0}]},
+        "gate": {"metrics": [{"metric": "truthfulqa_mc1/acc", "abs_tol": 0.05},
+                             {"metric": "alpaca_eval/win_rate", "abs_tol": 5.0}]},
         "iterate": {"iterations": 2},
     }
 
@@ -275,6 +275,24 @@ def test_gate_command_redecides_from_disk(finished_run, tmp_path, capsys):
     assert main(["gate", str(copy)]) == EXIT_GATE
     out = capsys.readouterr().out
     assert "iter_02: FAIL" in out and "alpaca_eval/win_rate: refused: this iteration's evaluator is untrusted" in out
+
+
+def test_gate_command_catches_a_planted_regression(finished_run, tmp_path, capsys):
+    """Every earlier model at a 60% win rate, M2 at 10%, all exact: the metric gate fails from disk."""
+    import shutil
+
+    _, run, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run.root, copy, ignore=shutil.ignore_patterns("model"))
+    for name, value in (("base", 60.0), ("iter_00", 60.0), ("iter_01", 60.0), ("iter_02", 10.0)):
+        path = copy / name / "eval" / "summary.json"
+        summary = json.loads(path.read_text())
+        summary["metrics"]["alpaca_eval/win_rate"].update(value=value, stderr=0.0)
+        path.write_text(json.dumps(summary))
+    capsys.readouterr()
+    assert main(["gate", str(copy)]) == EXIT_GATE
+    out = capsys.readouterr().out
+    assert "iter_01: PASS" in out and "iter_02: FAIL" in out and "dropped from 60" in out
 
 
 def test_standalone_eval_writes_the_same_layout(tiny_model, eval_data, tmp_path, capsys):

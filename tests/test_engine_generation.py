@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from evals import heldout
+from evals import lm_eval_runner
 
 PROMPTS = [
     "<|im_start|>user\nWhy does ice float on water?<|im_end|>\n<|im_start|>assistant\n",
@@ -27,8 +27,8 @@ def requests(gen_kwargs_list):
 
 @pytest.fixture(scope="module")
 def models(tiny_model):
-    spec = heldout.resolve_model(str(tiny_model))
-    return {g: heldout.build_lm(spec, batch_size=2, device="cpu", generation=g) for g in heldout.GENERATION}
+    spec = lm_eval_runner.resolve_model(str(tiny_model))
+    return {g: lm_eval_runner.build_lm(spec, batch_size=2, device="cpu", generation=g) for g in lm_eval_runner.GENERATION}
 
 
 class Recorder:

@@ -161,15 +161,17 @@ def test_a_cpu_engine_on_a_gpu_machine_is_decided_by_the_cpu(monkeypatch, fresh_
     assert hardware.use_bf16("auto", "cpu") is False
 
 
-def test_engine_bf16_asks_about_the_engines_device(monkeypatch):
+def test_engine_bf16_is_decided_by_the_engines_device(monkeypatch, fresh_bf16_choice):
+    """A bf16 GPU beside a CPU without native bf16: the engine's device decides, per device."""
     from harness import stages
     from harness.config import load_config
 
-    asked = []
-    monkeypatch.setattr(hardware, "use_bf16", lambda setting, device_type=None: asked.append(device_type) or False)
-    stages.engine_bf16(load_config(None, ["engine.device=cpu"]))
-    stages.engine_bf16(load_config(None, ["engine.device=cuda:1"]))
-    assert asked == ["cpu", "cuda"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(hardware, "cpuinfo_declares_bf16", lambda text: False)
+    assert stages.engine_bf16(load_config(None, ["engine.device=cpu"])) is False
+    assert stages.engine_bf16(load_config(None, ["engine.device=cuda:1"])) is True
+    assert stages.engine_bf16(load_config(None, ["engine.device=cpu", "engine.bf16=on"])) is True
 
 
 def test_this_machines_choice_is_consistent():

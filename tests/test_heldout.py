@@ -243,7 +243,7 @@ def test_bad_inputs_are_refused_before_loading(tiny_model, eval_data, tmp_path):
 def test_bf16_evaluation_loads_bf16_weights_and_records_it(base_run, tiny_model, eval_data, tmp_path):
     import torch
 
-    from evals.heldout import SharedLM, resolve_model
+    from evals.lm_eval_runner import SharedLM, resolve_model
 
     spec = resolve_model(str(tiny_model))
     shared = SharedLM(spec, batch_size=4, device="cpu", dtype="bfloat16")

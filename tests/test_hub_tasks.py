@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("lm_eval", reason="held-out evaluation needs lm-eval")
 
-from evals import heldout, hub_tasks  # noqa: E402
+from evals import heldout, hub_tasks, lm_eval_runner  # noqa: E402
 from evals.hub_tasks import HubTaskError  # noqa: E402
 from pipeline.data import DataError  # noqa: E402
 
@@ -220,7 +220,7 @@ def test_hub_run_matches_the_local_tasks_setup(tiny_model, toy_manager, tmp_path
     m = summary["metrics"]["toy/acc"]
     assert m["n"] == 6 and 0 <= m["value"] <= 1 and m["source"] == "lm_eval_hub" and str(m["task_version"]) == "2"
     cfg = summary["config"]
-    assert cfg["model"]["dtype"] == heldout.DTYPE and cfg["apply_chat_template"] and cfg["fewshot_as_multiturn"]
+    assert cfg["model"]["dtype"] == lm_eval_runner.DTYPE and cfg["apply_chat_template"] and cfg["fewshot_as_multiturn"]
     assert cfg["tasks"]["toy"]["toy_b"]["n_docs"] == 5 and cfg["limit"] == 3
     results = json.loads((tmp_path / "hub" / "results.json").read_text())
     assert results["humpback"]["sample_indices"] == plan.samples
@@ -243,8 +243,8 @@ def test_harness_runs_local_and_hub_tasks_on_one_loaded_model(tiny_model, toy_ma
     # lm-eval's default index (what hub tasks use) is the toy one; the local tasks' own index is real.
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda *a, **k: real_manager(*a, **k) if a or k else toy_manager)
     built = []
-    real_build = heldout.build_lm
-    monkeypatch.setattr(heldout, "build_lm", lambda *a, **k: built.append(k["batch_size"]) or real_build(*a, **k))
+    real_build = lm_eval_runner.build_lm
+    monkeypatch.setattr(lm_eval_runner, "build_lm", lambda *a, **k: built.append(k["batch_size"]) or real_build(*a, **k))
     from pipeline import memory
 
     trims = []
@@ -281,7 +281,7 @@ def test_harness_refuses_hub_metrics_that_would_shadow_local_ones(tiny_model, tm
     (folder / "toy_a.yaml").write_text(text)
     manager = TaskManager(include_path=str(folder), include_defaults=False)
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda *a, **k: manager)
-    monkeypatch.setattr(heldout, "build_lm", lambda *a, **k: pytest.fail("model loaded before the clash was found"))
+    monkeypatch.setattr(lm_eval_runner, "build_lm", lambda *a, **k: pytest.fail("model loaded before the clash was found"))
     cfg = load_config(None, ["eval.heldout_tasks=[gsm8k]", "eval.heldout_hub_tasks=[toy_math]", "engine.device=cpu"])
     with pytest.raises(HubTaskError, match=r"under \['gsm8k'\]"):
         evaluate._heldout_metrics(cfg, str(tiny_model), tmp_path / "out", {})
