@@ -271,11 +271,8 @@ class Judge:
         }
 
     def identity(self) -> str:
-        """What a cached judgment depends on: the config's files and the judge's weights."""
-        what = {"config": self.config_digest(), "model": self.model_digest()}
-        if self.dtype != "float32":  # absent at the default: judgments cached before keep their key
-            what["dtype"] = self.dtype
-        return settings_digest(what)[:12]
+        """What a cached judgment depends on: the config's files, the judge's weights and their dtype."""
+        return settings_digest({"config": self.config_digest(), "model": self.model_digest(), "dtype": self.dtype})[:12]
 
     def check_credentials(self) -> None:
         """Fail before any work when a config calls the OpenAI API without a key."""
