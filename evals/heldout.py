@@ -263,11 +263,10 @@ def _trimming_hflm():
     """lm-eval's HFLM, returning freed heap pages to the OS before every batch.
 
     Generation through ``model.generate`` grows its KV cache by concatenation at every step and
-    the log-likelihood batches allocate full-vocabulary logits; glibc keeps the freed blocks. In
-    one demo evaluation, resident memory rose from 2.3 to 5.7 GiB during the lm-eval part; with
-    the trim, a process running M2's held-out tasks peaked at 3.48 GiB instead of 3.80 GiB. The
-    trim took 0.6 ms with little to return and 132 ms with 2 GiB of freed heap, against seconds
-    per batch."""
+    the log-likelihood batches allocate full-vocabulary logits; glibc keeps the freed blocks, so
+    the process's resident memory would keep every batch's high-water mark. Trimming before each
+    batch (model call and generation) hands those blocks back before the next allocation; a trim
+    costs far less than the batch it precedes (docs/measurements.md has the figures)."""
     from lm_eval.models.huggingface import HFLM
 
     from pipeline import memory
