@@ -1,11 +1,11 @@
 """lm-eval's ``generate_until`` requests answered by the project's engine.
 
 lm-eval's HF model generates with ``model.generate`` on batches padded to their longest prompt,
-and a batch keeps decoding until its last row has stopped, which made generation most of a
-held-out evaluation's time (docs/measurements.md). The engine
-(:class:`pipeline.engine.TransformersEngine`) prefills rows of similar length together, drops
-rows as they stop and stops each row at its own stop string, on the same model object lm-eval
-loaded (fp32, adapter and all), so the held-out scores keep their dtype.
+and a batch keeps decoding until its last row has stopped: finished rows go on being decoded
+with the rest. The engine (:class:`pipeline.engine.TransformersEngine`) prefills rows of similar
+length together, drops rows as they stop and stops each row at its own stop string, on the same
+model object lm-eval loaded (fp32, adapter and all), so the held-out scores keep their dtype.
+docs/measurements.md compares the two paths' answers and times on the demo.
 
 What is kept from lm-eval's own path: the prompts are encoded by lm-eval's
 ``tok_batch_encode`` (its special-token rules and left truncation to ``max_length -

@@ -93,7 +93,8 @@ class EvalSection(Section):
     heldout_batch_size: int | None = Field(None, ge=1)
     """lm-eval's batch size for the held-out tasks (null: ``batch_size``). Its log-likelihood
     batches hold the full-vocabulary logits in fp32 twice (logits and log-softmax): batch x
-    tokens x vocabulary x 8 bytes. Lower it where memory is short; scores do not depend on it."""
+    tokens x vocabulary x 8 bytes. Lower it where memory is short: those logits shrink in
+    proportion (docs/measurements.md has the demo's peaks at 16 and at 8)."""
     heldout_limit: int | None = 20
     """Documents per held-out task (a seeded subset; None: all). For a hub group such as
     ``mmlu`` the limit applies to each of its tasks, as lm-eval's own ``--limit`` does."""

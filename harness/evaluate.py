@@ -38,21 +38,17 @@ def judge_model_spec(cfg: RunConfig) -> str:
 def eval_settings(cfg: RunConfig) -> dict[str, Any]:
     """What defines an evaluation, apart from the model evaluated.
 
-    Hub sources add their settings only when used, so runs that read everything locally keep
-    the settings (and cache keys) they had before the hub options existed."""
+    Settings that change nothing about it stay out: the hub's when the reference is read locally
+    and no hub task is evaluated, and who answers held-out generations when there are no
+    held-out tasks."""
     ev = cfg.eval.model_dump()
     keep = ("data_dir", "seed", "batch_size", "max_new_tokens", "alpaca_subset", "alpaca_reference", "judge",
-            "heldout_tasks", "heldout_limit", "alpaca_lc_data_dir", "alpaca_lc_download", "alpaca_lc_glm")
+            "heldout_tasks", "heldout_limit", "heldout_batch_size", "alpaca_lc_data_dir", "alpaca_lc_download",
+            "alpaca_lc_glm", "dtype")
     out = {**{k: ev[k] for k in keep}, "judge_model": judge_model_spec(cfg), "system": stages.system_prompt(cfg)}
-    if ev["heldout_batch_size"] is not None:  # absent when unset: earlier runs keep their cache keys
-        out["heldout_batch_size"] = ev["heldout_batch_size"]
-    if ev["dtype"] != "float32":  # absent at the default: earlier runs keep their cache keys
-        out["dtype"] = ev["dtype"]
-    if ev["heldout_generation"] == "engine" and (ev["heldout_tasks"] or ev["heldout_hub_tasks"]):
-        # Present for the engine only: evaluations made before the option existed went through
-        # lm-eval's generate, so they keep their cache keys under "lm_eval" and are redone under
-        # "engine".
-        out["heldout_generation"] = "engine_v1"
+    if ev["heldout_tasks"] or ev["heldout_hub_tasks"]:
+        # The engine's answers to lm-eval's requests carry a version of their own.
+        out["heldout_generation"] = "engine_v1" if ev["heldout_generation"] == "engine" else "lm_eval"
     return {**out, **_alpaca_source_settings(cfg), **_hub_task_settings(cfg)}
 
 
@@ -101,12 +97,15 @@ def check_judge_stage(run: RunDir, cfg: RunConfig) -> StageResult:
         write_json_atomic(ctx.work / "judge_check.json", result)
         return {k: result.get(k) for k in ("accuracy", "position_bias", "trusted", "n_judgments", "mean_p_correct")}
 
-    settings = {"judge": ev.judge, "judge_model": judge_model_spec(cfg), "pairs": ev.judge_check_pairs,
-                "seed": ev.seed, "min_accuracy": ev.min_judge_accuracy, "reference": ev.alpaca_reference,
-                "data_dir": ev.data_dir, **_alpaca_source_settings(cfg)}
-    if ev.dtype != "float32":  # absent at the default: earlier runs keep their cache keys
-        settings["dtype"] = ev.dtype
-    return run.stage("judge_check", fn, version="judge_check_v1", settings=settings)
+    return run.stage("judge_check", fn, version="judge_check_v2", settings=judge_check_settings(cfg))
+
+
+def judge_check_settings(cfg: RunConfig) -> dict[str, Any]:
+    """What defines the judge check."""
+    ev = cfg.eval
+    return {"judge": ev.judge, "judge_model": judge_model_spec(cfg), "pairs": ev.judge_check_pairs,
+            "seed": ev.seed, "min_accuracy": ev.min_judge_accuracy, "reference": ev.alpaca_reference,
+            "data_dir": ev.data_dir, "dtype": ev.dtype, **_alpaca_source_settings(cfg)}
 
 
 def _judge_model(cfg: RunConfig) -> str | None:
@@ -133,7 +132,7 @@ def evaluate_model(run: RunDir, cfg: RunConfig, prefix: str, model: StageResult,
         write_json_atomic(ctx.work / "summary.json", summary)
         return {"metrics": {k: v["value"] for k, v in metrics.items()}, "judge_trusted": check.get("trusted")}
 
-    return run.stage(f"{prefix}/eval", fn, version="eval_v1", settings=settings,
+    return run.stage(f"{prefix}/eval", fn, version="eval_v2", settings=settings,
                      inputs={"model": model, "judge_check": judge_check})
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline import memory
-from pipeline.digests import combine_digests, package_versions, tree_digests
+from pipeline.digests import combine_digests, package_versions, settings_digest, tree_digests
 from pipeline.io import write_json_atomic
 
 log = logging.getLogger(__name__)

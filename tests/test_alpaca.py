@@ -285,8 +285,10 @@ def test_judge_dtype_loads_the_model_and_keys_its_cache(tiny_model):
     bf16 = alpaca.Judge(alpaca.LOCAL_JUDGE, model=str(tiny_model), dtype="bfloat16")
     assert {p.dtype for p in fp32.get_engine().model.parameters()} == {torch.float32}
     assert {p.dtype for p in bf16.get_engine().model.parameters()} == {torch.bfloat16}
-    # The default's identity is the one judgments were cached under before the option existed.
-    assert fp32.identity() == settings_digest({"config": fp32.config_digest(), "model": fp32.model_digest()})[:12]
+    # The identity covers the config's files, the weights and their dtype, the default's included.
+    for judge in (fp32, bf16):
+        what = {"config": judge.config_digest(), "model": judge.model_digest(), "dtype": judge.dtype}
+        assert judge.identity() == settings_digest(what)[:12]
     assert bf16.identity() != fp32.identity()
     with pytest.raises(alpaca.JudgeError, match="dtype 'float16'"):
         alpaca.Judge(alpaca.LOCAL_JUDGE, model=str(tiny_model), dtype="float16")

@@ -130,7 +130,7 @@ def test_config_differences():
     assert config_differences(None, sample=False) == []
 
 
-def test_generation_choice_enters_settings_only_for_the_engine(eval_data):
+def test_generation_choice_enters_settings_with_heldout_tasks(eval_data):
     from harness import evaluate
     from harness.config import load_config
 
@@ -138,8 +138,6 @@ def test_generation_choice_enters_settings_only_for_the_engine(eval_data):
     engine = evaluate.eval_settings(load_config(None, base))
     stock = evaluate.eval_settings(load_config(None, [*base, "eval.heldout_generation=lm_eval"]))
     assert engine["heldout_generation"] == "engine_v1"
-    # Evaluations made before the option existed used lm-eval's generate: under "lm_eval" their
-    # cache keys stay as they were.
-    assert "heldout_generation" not in stock
+    assert stock == {**engine, "heldout_generation": "lm_eval"}
     no_heldout = evaluate.eval_settings(load_config(None, [*base, "eval.heldout_tasks=[]"]))
     assert "heldout_generation" not in no_heldout

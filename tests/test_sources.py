@@ -293,8 +293,8 @@ def test_eval_settings_change_only_when_the_hub_is_used(tmp_path, eval_data):
     assert remote["heldout_hub_tasks"] == ["mmlu"] and remote["heldout_hub_num_fewshot"] == {"mmlu": 5}
 
 
-def test_heldout_batch_size_enters_the_eval_settings_only_when_set(eval_data):
+def test_heldout_batch_size_is_in_the_eval_settings(eval_data):
     unset = evaluate.eval_settings(load_config(None, [f"eval.data_dir={eval_data}"]))
-    assert "heldout_batch_size" not in unset  # earlier runs keep their cache keys
-    assert evaluate.eval_settings(load_config(None, [f"eval.data_dir={eval_data}",
-                                                     "eval.heldout_batch_size=4"]))["heldout_batch_size"] == 4
+    assert unset["heldout_batch_size"] is None
+    four = evaluate.eval_settings(load_config(None, [f"eval.data_dir={eval_data}", "eval.heldout_batch_size=4"]))
+    assert four == {**unset, "heldout_batch_size": 4}

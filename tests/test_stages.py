@@ -87,11 +87,12 @@ def test_engine_device_resolves_auto():
     assert stages.engine_device(load_config(None, ["engine.device=cuda:1"])) == "cuda:1"
 
 
-def test_eval_dtype_enters_settings_only_when_not_the_default(eval_data):
+def test_eval_dtype_is_in_the_eval_and_judge_check_settings(eval_data):
     from harness import evaluate
 
     base = [f"eval.data_dir={eval_data}"]
-    default = evaluate.eval_settings(load_config(None, base))
-    bf16 = evaluate.eval_settings(load_config(None, [*base, "eval.dtype=bfloat16"]))
-    assert "dtype" not in default  # evaluations made before the option keep their cache keys
-    assert bf16 == {**default, "dtype": "bfloat16"}
+    for settings in (evaluate.eval_settings, evaluate.judge_check_settings):
+        default = settings(load_config(None, base))
+        bf16 = settings(load_config(None, [*base, "eval.dtype=bfloat16"]))
+        assert default["dtype"] == "float32"
+        assert bf16 == {**default, "dtype": "bfloat16"}
