@@ -18,12 +18,12 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from pipeline import memory
-from pipeline.digests import combine_digests, package_versions, tree_digests
+from pipeline.digests import combine_digests, package_versions, settings_digest, tree_digests
 from pipeline.io import write_json_atomic
 
 log = logging.getLogger(__name__)
