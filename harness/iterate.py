@@ -131,8 +131,10 @@ def finish(run_root: Path, cfg: RunConfig) -> None:
     """Write the report and mirror the run into MLflow; neither may lose the run's results."""
     from harness import report
 
+    view = None  # read once, for both
     try:
-        report.write_report(run_root)
+        view = read_run(run_root)
+        report.write_report(view)
     except Exception:  # noqa: BLE001 - a broken plot must not hide a finished run
         log.exception("writing the report failed; the run directory is complete")
     if (cfg.tracking.uri or "").lower() == "off":
@@ -140,7 +142,7 @@ def finish(run_root: Path, cfg: RunConfig) -> None:
     try:
         from harness import tracking
 
-        tracking.log_run(run_root, tracking_uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
+        tracking.log_run(view or run_root, tracking_uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
                          register_model_name=cfg.tracking.register_model)
     except Exception:  # noqa: BLE001 - the run directory stays the source of truth
         log.exception("MLflow logging failed; the run directory is complete and 'humpback report' can redo it")
