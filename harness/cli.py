@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from harness.iterate import GateFailed, format_summary, iterate, open_run, planned_stages, stage_name
+    from harness.runview import RunDirError
     from pipeline.data import DataError
     from pipeline.models import ModelError
 
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     run = open_run(cfg, args.run_dir)
     try:
         summary = iterate(cfg, run, stop_after=stop)
-    except (DataError, ModelError) as exc:
+    except (DataError, ModelError, RunDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DATA
     except GateFailed as exc:
@@ -156,24 +157,31 @@ def _on_run_dir(args) -> int:
             finish(root, cfg)
         print(_closing(root))
         return 0
-    from harness.iterate import gate_decision
-    from pipeline.io import write_json_atomic
+    return _redecide_gates(root, cfg)
 
-    status = 0
+
+def _redecide_gates(root, cfg) -> int:
+    """``humpback gate``: each iteration whose selection is committed, in order, until one fails."""
+    from harness.gate import decide_iteration, write_gate
+    from harness.runview import RunDirError, read_run
+
+    try:
+        view = read_run(root, strict=True)
+    except RunDirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DATA
     for t in range(1, cfg.iterate.iterations + 1):
-        if not (root / f"iter_{t:02d}" / "select" / ".done").exists():
+        it = view.model(f"iter_{t:02d}")
+        if not it.committed("select"):
             break
-        evaluated = (root / f"iter_{t:02d}" / "eval" / ".done").exists()
-        result = gate_decision(root, cfg, t, evaluated)
-        write_json_atomic(root / f"iter_{t:02d}" / "gate.json", {**result.as_dict(), "evaluated": evaluated})
+        result = decide_iteration(view, cfg, t, evaluated=it.committed("eval"))
+        write_gate(root, t, result)
         print(f"iter_{t:02d}: {'PASS' if result.passed else 'FAIL'}")
         for d in result.decisions:
             print(f"  {'ok  ' if d.passed else 'FAIL'} {d.message()}")
         if not result.passed:
-            status = EXIT_GATE
-            break
-    return status
-
+            return EXIT_GATE
+    return 0
 
 
 if __name__ == "__main__":

@@ -10,13 +10,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from pipeline.io import write_json_atomic
+
+if TYPE_CHECKING:  # the view is read into this module's types, so it is not imported at run time
+    from harness.config import RunConfig
+    from harness.runview import RunView
+
+GATE = "gate.json"
+"""Each iteration's gate, in ``iter_NN/``."""
 
 
 @dataclass(frozen=True)
 class Metric:
+    """One number of an evaluation summary (``<model>/eval/summary.json``), as
+    :mod:`harness.runview` reads it."""
+
     name: str
-    value: float
+    value: float | None
+    """None where the evaluator produced no number: gates take the metric as missing."""
     stderr: float | None = None
     n: int | None = None
     higher_is_better: bool = True
@@ -96,31 +110,29 @@ def limit_check(name: str, value: float | None, *, minimum: float | None = None,
 
 @dataclass
 class GateResult:
+    """An iteration's gate, as decided and as ``iter_NN/gate.json`` holds it."""
+
     passed: bool
     decisions: list[Decision]
     baseline: str | None = None
+    evaluated: bool | None = None
+    """Whether the evaluation checks were part of it (False: only the data checks, before M_t
+    was evaluated); None where not recorded."""
 
     def failures(self) -> list[Decision]:
         return [d for d in self.decisions if not d.passed]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "baseline": self.baseline, "decisions": [asdict(d) for d in self.decisions]}
+        """What ``gate.json`` holds."""
+        out = {"passed": self.passed, "baseline": self.baseline, "decisions": [asdict(d) for d in self.decisions]}
+        return out if self.evaluated is None else {**out, "evaluated": self.evaluated}
 
 
-def decide(decisions: Sequence[Decision], baseline: str | None = None) -> GateResult:
-    return GateResult(all(d.passed for d in decisions), list(decisions), baseline)
+def decide(decisions: Sequence[Decision], baseline: str | None = None, evaluated: bool | None = None) -> GateResult:
+    return GateResult(all(d.passed for d in decisions), list(decisions), baseline, evaluated)
 
 
-# --------------------------------------------------------------------------- on a run directory
-
-def metrics_from_summary(summary: dict[str, Any]) -> dict[str, Metric]:
-    """The metrics of an ``<model>/eval/summary.json``."""
-    return {
-        name: Metric(name, m["value"], m.get("stderr"), m.get("n"), m.get("higher_is_better", True),
-                     m.get("provenance", {}), m.get("trusted", True))
-        for name, m in summary.get("metrics", {}).items()
-        if m.get("value") is not None
-    }
+# --------------------------------------------------------------------------- an iteration's checks
 
 
 def pick_baseline(history: dict[int, dict[str, Metric]], metric: str, mode: str, current: int) -> tuple[int | None, Metric | None]:
@@ -149,13 +161,39 @@ def eval_decisions(history: dict[int, dict[str, Metric]], current: int, rules: S
     return decisions
 
 
-def data_decisions(select_stats: dict[str, Any], curate_stats: dict[str, Any], *, min_selected: int,
-                   max_unscored_rate: float, max_contamination_rate: float) -> list[Decision]:
-    selected = select_stats.get("selected")
-    contaminated = select_stats.get("contaminated", 0)
+def data_decisions(selected: int | None, contaminated: int | None, unscored_rate: float | None, *,
+                   min_selected: int, max_unscored_rate: float, max_contamination_rate: float) -> list[Decision]:
+    """The data checks of an iteration: enough selected pairs, few unscored, few contaminated
+    (``selected`` and ``contaminated`` from the select stage, ``unscored_rate`` from curation)."""
+    contaminated = contaminated or 0
     total = (selected or 0) + contaminated
     return [
         limit_check("data/selected", selected, minimum=min_selected),
-        limit_check("curation/unscored_rate", curate_stats.get("unscored_rate"), maximum=max_unscored_rate),
+        limit_check("curation/unscored_rate", unscored_rate, maximum=max_unscored_rate),
         limit_check("data/contamination_rate", contaminated / total if total else 0.0, maximum=max_contamination_rate),
     ]
+
+
+# --------------------------------------------------------------------------- on a run directory
+
+
+def decide_iteration(view: RunView, cfg: RunConfig, t: int, evaluated: bool) -> GateResult:
+    """Iteration ``t``'s gate, decided from the run directory (so ``humpback gate`` can redo it):
+    its data checks and, once ``evaluated``, its regression checks against earlier iterations."""
+    it = view.model(f"iter_{t:02d}")
+    decisions = data_decisions(it.selection.selected, it.selection.contaminated, it.curation.unscored_rate,
+                               min_selected=cfg.gate.min_selected, max_unscored_rate=cfg.gate.max_unscored_rate,
+                               max_contamination_rate=cfg.gate.max_contamination_rate)
+    if evaluated and cfg.eval.enabled:
+        history = {}
+        for i in range(0, t + 1):
+            summary = view.model(f"iter_{i:02d}").eval
+            if summary is not None:
+                history[i] = {name: m for name, m in summary.metrics.items() if m.value is not None}
+        rules = [Rule(r.metric, r.abs_tol, r.z) for r in cfg.gate.metrics]
+        decisions += eval_decisions(history, t, rules, cfg.gate.baseline)
+    return decide(decisions, baseline=cfg.gate.baseline, evaluated=evaluated)
+
+
+def write_gate(run_root: Path, t: int, result: GateResult) -> None:
+    write_json_atomic(Path(run_root) / f"iter_{t:02d}" / GATE, result.as_dict())

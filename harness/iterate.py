@@ -13,6 +13,7 @@ from typing import Any
 from harness import evaluate, gate, stages
 from harness.config import RunConfig, dump_config
 from harness.rundir import RunDir, StageResult
+from harness.runview import read_run
 from pipeline.io import write_json_atomic
 from pipeline import hardware
 
@@ -115,46 +116,25 @@ def iterate(cfg: RunConfig, run: RunDir, stop_after: str | None = None) -> dict[
     return summary
 
 
-def gate_decision(run_root: Path, cfg: RunConfig, t: int, evaluated: bool) -> gate.GateResult:
-    """Iteration ``t``'s gate, decided from what is on disk (so ``humpback gate`` can redo it)."""
-    curate_stats = _stats(run_root, f"iter_{t:02d}/curate")
-    select_stats = _stats(run_root, f"iter_{t:02d}/select")
-    decisions = gate.data_decisions(select_stats, curate_stats, min_selected=cfg.gate.min_selected,
-                                    max_unscored_rate=cfg.gate.max_unscored_rate,
-                                    max_contamination_rate=cfg.gate.max_contamination_rate)
-    if evaluated and cfg.eval.enabled:
-        history = {}
-        for i in range(0, t + 1):
-            path = run_root / f"iter_{i:02d}" / "eval" / "summary.json"
-            if path.exists():
-                history[i] = gate.metrics_from_summary(json.loads(path.read_text()))
-        rules = [gate.Rule(r.metric, r.abs_tol, r.z) for r in cfg.gate.metrics]
-        decisions += gate.eval_decisions(history, t, rules, cfg.gate.baseline)
-    return gate.decide(decisions, baseline=cfg.gate.baseline)
-
-
 def check_gate(run: RunDir, cfg: RunConfig, t: int, evaluated: bool) -> None:
     if not cfg.gate.enabled:
         return
-    result = gate_decision(run.root, cfg, t, evaluated)
-    write_json_atomic(run.root / f"iter_{t:02d}" / "gate.json", {**result.as_dict(), "evaluated": evaluated})
+    result = gate.decide_iteration(read_run(run.root, strict=True), cfg, t, evaluated)
+    gate.write_gate(run.root, t, result)
     for d in result.decisions:
         log.info("gate iter_%02d %s: %s", t, "pass" if d.passed else "FAIL", d.message())
     if not result.passed:
         raise GateFailed(t, result)
 
 
-def _stats(run_root: Path, name: str) -> dict[str, Any]:
-    path = run_root / name / "manifest.json"
-    return json.loads(path.read_text()).get("stats", {}) if path.exists() else {}
-
-
 def finish(run_root: Path, cfg: RunConfig) -> None:
     """Write the report and mirror the run into MLflow; neither may lose the run's results."""
     from harness import report
 
+    view = None  # read once, for both
     try:
-        report.write_report(run_root)
+        view = read_run(run_root)
+        report.write_report(view)
     except Exception:  # noqa: BLE001 - a broken plot must not hide a finished run
         log.exception("writing the report failed; the run directory is complete")
     if (cfg.tracking.uri or "").lower() == "off":
@@ -162,20 +142,21 @@ def finish(run_root: Path, cfg: RunConfig) -> None:
     try:
         from harness import tracking
 
-        tracking.log_run(run_root, tracking_uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
+        tracking.log_run(view or run_root, tracking_uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
                          register_model_name=cfg.tracking.register_model)
     except Exception:  # noqa: BLE001 - the run directory stays the source of truth
         log.exception("MLflow logging failed; the run directory is complete and 'humpback report' can redo it")
 
 
 def summarize(run: RunDir, cfg: RunConfig) -> dict[str, Any]:
-    """Per-stage counts and timings from the manifests on disk, and per-iteration summaries."""
+    """Per-stage counts and timings from the committed stages' manifests, and per-iteration summaries."""
+    view = read_run(run.root)
     out: dict[str, Any] = {"run_dir": str(run.root), "stages": {}, "iterations": {}}
     for name in planned_stages(cfg, with_eval=True):
-        result = run.load(name)
-        if result is None:
+        stage = view.stages.get(name)
+        if stage is None or not stage.done:
             continue
-        out["stages"][name] = {"seconds": result.manifest["seconds"], "stats": result.stats}
+        out["stages"][name] = {"seconds": stage.seconds, "stats": stage.stats}
     for t in range(0, cfg.iterate.iterations + 1):
         it = {k.split("/")[1]: v["stats"] for k, v in out["stages"].items() if k.startswith(f"iter_{t:02d}/")}
         if not it:

@@ -1,6 +1,9 @@
-import pytest
+import json
 
-from harness.gate import Metric, Rule, compare, decide, limit_check
+import pytest
+import yaml
+
+from harness.gate import Metric, Rule, compare, decide, decide_iteration, limit_check
 
 PROV = {"task_version": 1, "config_digest": "abc"}
 
@@ -53,3 +56,81 @@ def test_decide_fails_if_any_fails():
     bad = limit_check("b", 1, maximum=0)
     assert decide([ok]).passed and not decide([ok, bad]).passed
     assert decide([ok, bad]).failures() == [bad]
+
+
+# --------------------------------------------------------------------------- from a run directory
+
+WIN = "alpaca_eval/win_rate"
+GATE_CONFIG = {"run": {"name": "g"}, "iterate": {"iterations": 1},
+               "gate": {"metrics": [{"metric": WIN, "abs_tol": 0.01, "z": 2.0}], "min_selected": 2}}
+
+
+def _write(path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj), encoding="utf-8")
+
+
+def _committed(path, stats) -> None:
+    _write(path / "manifest.json", {"stage": path.name, "stats": stats})
+    (path / ".done").write_text("key")
+
+
+def gated_run(tmp_path, win_now: float):
+    """M0 and iteration 1 on disk, as the loop leaves them before iteration 1's gate."""
+    from harness.config import dump_config, load_config
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    source = tmp_path / "gate.yaml"
+    source.write_text(yaml.safe_dump(GATE_CONFIG))
+    cfg = load_config(source)
+    run = tmp_path / "run"
+    _write(run / "config.yaml", dump_config(cfg))
+    prov = {"task_version": 1, "config_digest": "abc"}
+    for t, win in ((0, 0.5), (1, win_now)):
+        _committed(run / f"iter_{t:02d}" / "eval", {})
+        _write(run / f"iter_{t:02d}" / "eval" / "summary.json", {"metrics": {
+            WIN: {"value": win, "stderr": 0.01, "n": 100, "higher_is_better": True, "trusted": True,
+                  "provenance": prov},
+            "other/metric": {"value": None}}})
+    _committed(run / "iter_01" / "curate", {"unscored_rate": 0.1})
+    _committed(run / "iter_01" / "select", {"selected": 5, "contaminated": 0})
+    return cfg, run
+
+
+def test_decide_iteration_reads_data_and_evaluation_from_the_view(tmp_path):
+    from harness.runview import read_run
+
+    cfg, run = gated_run(tmp_path, win_now=0.3)
+    data_only = decide_iteration(read_run(run), cfg, 1, evaluated=False)
+    assert data_only.passed and data_only.evaluated is False
+    assert [d.check for d in data_only.decisions] == ["data/selected", "curation/unscored_rate",
+                                                      "data/contamination_rate"]
+    full = decide_iteration(read_run(run), cfg, 1, evaluated=True)
+    assert not full.passed and [d.check for d in full.failures()] == [WIN]
+    assert "dropped from 0.5 to 0.3" in full.failures()[0].reason and "[baseline iter_00]" in full.failures()[0].reason
+
+
+def test_gate_command_writes_each_gate_and_exits_on_the_first_failure(tmp_path, capsys):
+    from harness.cli import EXIT_GATE, main
+
+    _, run = gated_run(tmp_path, win_now=0.3)
+    assert main(["gate", str(run)]) == EXIT_GATE
+    assert "iter_01: FAIL" in capsys.readouterr().out
+    written = json.loads((run / "iter_01" / "gate.json").read_text())
+    assert written["passed"] is False and written["evaluated"] is True and written["baseline"] == "best"
+    assert list(written) == ["passed", "baseline", "decisions", "evaluated"]
+
+    _, run = gated_run(tmp_path / "ok", win_now=0.5)
+    assert main(["gate", str(run)]) == 0
+    assert json.loads((run / "iter_01" / "gate.json").read_text())["passed"] is True
+
+
+def test_gate_command_names_a_malformed_file(tmp_path, capsys):
+    from harness.cli import EXIT_DATA, main
+
+    _, run = gated_run(tmp_path, win_now=0.5)
+    bad = run / "iter_00" / "eval" / "summary.json"
+    bad.write_text('{"metrics": ', encoding="utf-8")
+    assert main(["gate", str(run)]) == EXIT_DATA
+    assert f"error: {bad}: not valid JSON" in capsys.readouterr().err
+    assert not (run / "iter_01" / "gate.json").exists()  # no decision on a half-read directory

@@ -10,6 +10,8 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from harness import report  # noqa: E402 - after the importorskip
+from harness.gate import Metric  # noqa: E402
+from harness.runview import read_run  # noqa: E402
 
 WIN = "alpaca_eval/win_rate"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -149,24 +151,42 @@ def test_empty_run_dir_and_stale_plots(tmp_path):
     "metric, cell",
     [
         (None, "–"),
-        ({"value": None, "stderr": 0.1}, "–"),
-        ({"value": 0.42}, "0.420"),
-        ({"value": 0.42, "stderr": 0.05, "trusted": False}, "0.420 ± 0.050 †"),
-        ({"value": 12.5, "stderr": 0.25}, "12.5 ± 0.2"),
-        ({"value": float("nan"), "stderr": 0.1}, "–"),
+        (Metric("m", None, 0.1), "–"),
+        (Metric("m", 0.42), "0.420"),
+        (Metric("m", 0.42, 0.05, trusted=False), "0.420 ± 0.050 †"),
+        (Metric("m", 12.5, 0.25), "12.5 ± 0.2"),
+        (Metric("m", float("nan"), 0.1), "–"),
     ],
 )
 def test_metric_cell(metric, cell):
     assert report.metric_cell(metric) == cell
 
 
-def test_stage_table_and_peak_show_the_gpu_only_where_one_was_used():
-    cpu = [("a", {"seconds": 1.0, "peak_rss_mib": 2048, "rss_start_mib": 512, "rss_end_mib": 600})]
-    header, rows = report.stage_table(cpu)
+def _stages(root: Path, manifests: dict[str, dict]) -> list:
+    """The stages of a run directory holding these manifests, as the report orders them."""
+    for i, (name, manifest) in enumerate(manifests.items()):
+        _write(root / name / "manifest.json", {"stage": name, "started": f"2026-01-01T00:00:0{i}", **manifest})
+    return read_run(root).stages_in_order()
+
+
+def test_stage_table_and_peak_show_the_gpu_only_where_one_was_used(tmp_path):
+    cpu = {"a": {"seconds": 1.0, "peak_rss_mib": 2048, "rss_start_mib": 512, "rss_end_mib": 600}}
+    header, rows = report.stage_table(_stages(tmp_path / "cpu", cpu))
     assert "GPU peak GiB" not in header and len(rows[0]) == len(header)
-    assert report.peak_memory(cpu) == "2.00 GiB (a)"
-    gpu = cpu + [("b", {"seconds": 2.0, "peak_rss_mib": 1024, "rss_start_mib": 512, "rss_end_mib": 600,
-                        "gpu_peak_mib": 10240.0})]
-    header, rows = report.stage_table(gpu)
+    assert report.peak_memory(_stages(tmp_path / "cpu", cpu)) == "2.00 GiB (a)"
+    gpu = {**cpu, "b": {"seconds": 2.0, "peak_rss_mib": 1024, "rss_start_mib": 512, "rss_end_mib": 600,
+                        "gpu_peak_mib": 10240.0}}
+    header, rows = report.stage_table(_stages(tmp_path / "gpu", gpu))
     assert header[-1] == "GPU peak GiB" and [r[-1] for r in rows] == ["–", "10.00"]
-    assert report.peak_memory(gpu) == "2.00 GiB (a); GPU 10.00 GiB (b)"
+    assert report.peak_memory(_stages(tmp_path / "gpu", gpu)) == "2.00 GiB (a); GPU 10.00 GiB (b)"
+
+
+def test_a_manifest_with_stats_only_is_no_stage_row(tmp_path):
+    """Stats-only manifests (hand-made, or written before timings were recorded) stay out of the
+    stage table but still fill the data table; a half-written one leaves a gap, not an error."""
+    run = make_run(tmp_path)
+    _write(run / "iter_02" / "select" / "manifest.json", "{half")
+    md = report.write_report(run)["markdown"].read_text(encoding="utf-8")
+    stages = md[md.index("## Stages"):md.index("## Plots")]
+    assert "iter_01/curate" not in stages and "iter_01/finetune" in stages
+    assert "| keep rate | – | – | 0.500 | – |" in md

@@ -11,7 +11,8 @@ import yaml
 
 mlflow = pytest.importorskip("mlflow")
 
-from harness import tracking  # noqa: E402 - after the importorskip
+from harness import mlflow_client, mlflow_records, registry, tracking  # noqa: E402 - after the importorskip
+from harness.runview import read_run  # noqa: E402
 
 WIN = "alpaca_eval/win_rate"
 
@@ -86,8 +87,8 @@ def make_run(root: Path, name: str = "demo", gates: dict[int, bool] | None = Non
 def template_db(tmp_path_factory) -> Path:
     """A migrated, empty store: creating one costs seconds, copying it does not."""
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    with tracking._quiet():
-        tracking._client(f"sqlite:///{path}").search_experiments()
+    with mlflow_client.quiet():
+        mlflow_client.client(f"sqlite:///{path}").search_experiments()
     return path
 
 
@@ -114,7 +115,7 @@ def test_parent_children_params_metrics_and_artifacts(tmp_path, store):
     assert set(out["child_run_ids"]) == {"base", "iter_00", "iter_01", "iter_02"}
 
     parent = client.get_run(out["parent_run_id"])
-    assert parent.data.tags[tracking.TAG_RUN_DIR] == str(run.resolve())
+    assert parent.data.tags[mlflow_records.TAG_RUN_DIR] == str(run.resolve())
     assert parent.data.params["select.k"] == "4.0"
     assert parent.data.params["finetune.lora_target_modules"] == '["q", "v"]'
     assert parent.data.tags["mlflow.source.git.commit"] == "abc123"
@@ -134,7 +135,7 @@ def test_parent_children_params_metrics_and_artifacts(tmp_path, store):
     assert metrics["train/final_loss"] == 1.75 and metrics[f"{WIN}_stderr"] == 0.05
     assert metrics["resources/finetune_seconds"] == 1.0 and metrics["resources/finetune_peak_rss_mib"] == 2048.0
     assert "resources/curate_peak_rss_mib" not in metrics  # that manifest has no such field
-    assert child1.data.tags[tracking.TAG_CHECKPOINT] == str(run.resolve() / "iter_01" / "finetune" / "model")
+    assert child1.data.tags[mlflow_records.TAG_CHECKPOINT] == str(run.resolve() / "iter_01" / "finetune" / "model")
     assert child1.data.tags["gate.passed"] == "true"
     child2 = client.get_run(out["child_run_ids"]["iter_02"])
     assert child2.data.tags["gate.passed"] == "false"
@@ -193,10 +194,10 @@ def test_rerun_is_idempotent_and_adds_new_iterations(tmp_path, store):
 
 def test_a_run_logged_by_an_older_harness_gets_the_new_metrics(tmp_path, store, monkeypatch):
     run = make_run(tmp_path / "runs")
-    real = tracking.iteration_metrics
-    monkeypatch.setattr(tracking, "iteration_metrics",  # what the previous version logged
+    real = mlflow_records.iteration_metrics
+    monkeypatch.setattr(mlflow_records, "iteration_metrics",  # what the previous version logged
                         lambda *a: {k: v for k, v in real(*a).items() if not k.startswith("resources/")})
-    monkeypatch.setattr(tracking, "LOGGED_METRICS_VERSION", "1")
+    monkeypatch.setattr(mlflow_records, "LOGGED_METRICS_VERSION", "1")
     first = tracking.log_run(run, tracking_uri=store, experiment=None, register_model_name=None)
     child = first["child_run_ids"]["iter_01"]
     assert "resources/finetune_seconds" not in _client(store).get_run(child).data.metrics
@@ -217,7 +218,7 @@ def test_champion_alias_goes_to_the_passing_iteration(tmp_path, store):
     assert version.source == str(run.resolve() / "iter_01" / "finetune" / "model")
     assert version.run_id == out["child_run_ids"]["iter_01"]
     versions = client.search_model_versions("name = 'humpback-demo'")
-    assert [v.tags[tracking.TAG_ITERATION] for v in versions] == ["iter_01"]  # the failing one is never registered
+    assert [v.tags[mlflow_records.TAG_ITERATION] for v in versions] == ["iter_01"]  # the failing one is never registered
     tracking.log_run(run, tracking_uri=store, experiment=None, register_model_name="humpback-demo")
     assert len(client.search_model_versions("name = 'humpback-demo'")) == 1
 
@@ -226,7 +227,7 @@ def test_no_champion_when_every_gate_fails(tmp_path, store):
     run = make_run(tmp_path / "runs", name="bad", gates={1: False})
     out = tracking.log_run(run, tracking_uri=store, experiment=None, register_model_name="humpback-bad")
     assert out["champion"] is None
-    assert tracking.register_champion(run, "humpback-bad", tracking_uri=store) is None
+    assert registry.register_champion(run, "humpback-bad", tracking_uri=store) is None
     assert _client(store).search_model_versions("name = 'humpback-bad'") == []
 
 
@@ -246,5 +247,16 @@ def test_default_store_off_and_partial_run(tmp_path, template_db):
 
 
 def test_flatten_and_metric_names():
-    assert tracking.flatten({"a": {"b": 1, "c": {"d": None}}, "e": "x"}) == {"a.b": "1", "a.c.d": "null", "e": "x"}
-    assert tracking.metric_name("ifeval/prompt_level_strict_acc,none") == "ifeval/prompt_level_strict_acc_none"
+    assert mlflow_records.flatten({"a": {"b": 1, "c": {"d": None}}, "e": "x"}) == {"a.b": "1", "a.c.d": "null", "e": "x"}
+    assert mlflow_records.metric_name("ifeval/prompt_level_strict_acc,none") == "ifeval/prompt_level_strict_acc_none"
+
+
+def test_a_half_written_summary_is_left_out_with_a_warning(tmp_path, store, caplog):
+    run = make_run(tmp_path / "runs", gates={1: True})
+    bad = run / "iter_01" / "eval" / "summary.json"
+    bad.write_text('{"metrics": {', encoding="utf-8")
+    out = tracking.log_run(read_run(run), tracking_uri=store, experiment=None, register_model_name=None)
+    assert str(bad) in caplog.text
+    child = _client(store).get_run(out["child_run_ids"]["iter_01"])
+    assert WIN not in child.data.metrics and "curation/keep_rate" in child.data.metrics
+    assert "eval.untrusted" not in child.data.tags and child.data.tags["gate.passed"] == "true"
