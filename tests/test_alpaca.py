@@ -11,6 +11,7 @@ import gzip
 import json
 import math
 import os
+from collections import Counter
 
 import pytest
 
@@ -74,18 +75,33 @@ def test_score_result_shape_and_files(tmp_path):
     assert [a["instruction"] for a in annotations] == [r["instruction"] for r in reference]
 
 
-def test_rerun_judges_nothing_again(tmp_path):
+@pytest.fixture
+def judged(monkeypatch):
+    """Prompts each of our completion functions receives, counted by a spy around it."""
+    from evals.alpaca import judge as judge_module
+
+    counts: Counter[str] = Counter()
+    for name, fn in list(judge_module.COMPLETION_FNS.items()):
+        def spy(prompts, *args, _name=name, _fn=fn, **kwargs):
+            counts[_name] += len(prompts)
+            return _fn(prompts, *args, **kwargs)
+        monkeypatch.setitem(judge_module.COMPLETION_FNS, name, spy)
+    return counts
+
+
+def test_rerun_judges_nothing_again(tmp_path, judged):
     model, reference = planted_pairs()
     first = alpaca.score_alpaca_eval(model, reference, tmp_path, annotators_config=alpaca.FAKE_JUDGE)
-    calls = alpaca.JUDGE_CALLS["humpback_longest_completions"]
+    calls = judged["humpback_longest_completions"]
+    assert calls == 5  # six pairs; the identical one is a draw that alpaca_eval never sends to the judge
     second = alpaca.score_alpaca_eval(model, reference, tmp_path, annotators_config=alpaca.FAKE_JUDGE)
-    assert alpaca.JUDGE_CALLS["humpback_longest_completions"] == calls
+    assert judged["humpback_longest_completions"] == calls
     assert second["judged_now"] == 0 and second["reused_from_cache"] == 6
     assert second["win_rate"] == first["win_rate"]
     # One changed answer: only that pair is judged.
     model[0] = {**model[0], "output": "a different answer"}
     third = alpaca.score_alpaca_eval(model, reference, tmp_path, annotators_config=alpaca.FAKE_JUDGE)
-    assert alpaca.JUDGE_CALLS["humpback_longest_completions"] == calls + 1
+    assert judged["humpback_longest_completions"] == calls + 1
     assert third["judged_now"] == 1
 
 
@@ -257,13 +273,12 @@ def test_generate_answers_with_tiny_model(tiny_engine):
     assert alpaca.generate_answers(tiny_engine, instructions, **kwargs) == answers  # greedy: reproducible
 
 
-def test_local_logprob_judge_end_to_end(tiny_model, tmp_path):
+def test_local_logprob_judge_end_to_end(tiny_model, tmp_path, judged):
     judge = alpaca.Judge(alpaca.LOCAL_JUDGE, model=str(tiny_model))
     model, reference = planted_pairs()
     model, reference = model[:3], reference[:3]
-    before = alpaca.JUDGE_CALLS["humpback_engine_choice_completions"]
     result = alpaca.score_alpaca_eval(model, reference, tmp_path, judge=judge)
-    assert alpaca.JUDGE_CALLS["humpback_engine_choice_completions"] == before + 3
+    assert judged["humpback_engine_choice_completions"] == 3
     assert result["n"] == 3 and result["n_missing"] == 0 and 0 <= result["win_rate"] <= 100
     assert result["provenance"]["judge_model_digest"] and result["provenance"]["judge_dtype"] == "float32"
     annotations = json.loads((tmp_path / "annotations.json").read_text())

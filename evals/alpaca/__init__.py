@@ -45,7 +45,6 @@ from evals.alpaca.judge import (
     COMPLETION_FNS,
     ENGINE_FNS,
     FAKE_JUDGE,
-    JUDGE_CALLS,
     JUDGE_DTYPES,
     LOCAL_JUDGE,
     HarnessPairwiseAnnotator,
@@ -61,7 +60,7 @@ from evals.alpaca.scoring import score_alpaca_eval
 from evals.alpaca.win_rate import win_rate_metrics
 
 __all__ = [
-    "ANNOTATORS_DIR", "CHECK_KINDS", "COMPLETION_FNS", "ENGINE_FNS", "FAKE_JUDGE", "JUDGE_CALLS", "JUDGE_DTYPES",
+    "ANNOTATORS_DIR", "CHECK_KINDS", "COMPLETION_FNS", "ENGINE_FNS", "FAKE_JUDGE", "JUDGE_DTYPES",
     "LC_BOOTSTRAP", "LC_GLMS", "LC_NOTES", "LOCAL_JUDGE", "RECORD_FIELDS", "REFERENCES", "TRUNCATE_SHARE",
     "HarnessPairwiseAnnotator", "HarnessSinglePairwiseAnnotator", "InstructionSet", "Judge", "JudgeError",
     "check_judge", "engine_choice_completions", "generate_answers", "length_controlled_metrics",

@@ -31,7 +31,6 @@ import math
 import os
 import re
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -52,9 +51,6 @@ FAKE_JUDGE = "humpback_longest_fake"
 
 # A probability of exactly 0 has no logarithm; this one is as good as zero after exp().
 _MIN_LOGPROB = -1e4
-
-# Prompts judged by our completion functions, per function name (tests count re-judging with it).
-JUDGE_CALLS: Counter[str] = Counter()
 
 JUDGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -103,7 +99,6 @@ def engine_choice_completions(
     chats = [ae_utils.prompt_to_chatml(p) for p in prompts]
     chats = [[{"role": m["role"], "content": m["content"]} for m in chat] for chat in chats]
     probs = judge.get_engine().choice_probs(chats, prefix, list(choices)) if chats else []
-    JUDGE_CALLS["humpback_engine_choice_completions"] += len(prompts)
     return _completions_result([_logprob_completion(choices, p) for p in probs], time.perf_counter() - start)
 
 
@@ -123,7 +118,6 @@ def longest_completions(
             raise ValueError("prompt does not follow the humpback_longest_fake template")
         first, second = match.groups()
         out.append(_logprob_completion(choices, [1.0, 0.0] if len(first) >= len(second) else [0.0, 1.0]))
-    JUDGE_CALLS["humpback_longest_completions"] += len(prompts)
     return _completions_result(out, time.perf_counter() - start)
 
 
