@@ -67,6 +67,15 @@ def build_tiny_model(path: Path) -> Path:
     return path
 
 
+def write_file(path: Path, obj) -> None:
+    """Write a test fixture file: a list as JSONL, a string as is, anything else as JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(obj, list):
+        path.write_text("".join(json.dumps(r) + "\n" for r in obj), encoding="utf-8")
+    else:
+        path.write_text(obj if isinstance(obj, str) else json.dumps(obj), encoding="utf-8")
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))

@@ -12,17 +12,10 @@ pytest.importorskip("matplotlib")
 from harness import report  # noqa: E402 - after the importorskip
 from harness.gate import Metric  # noqa: E402
 from harness.runview import read_run  # noqa: E402
+from conftest import write_file
 
 WIN = "alpaca_eval/win_rate"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _write(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(obj, list):
-        path.write_text("".join(json.dumps(r) + "\n" for r in obj), encoding="utf-8")
-    else:
-        path.write_text(obj if isinstance(obj, str) else json.dumps(obj), encoding="utf-8")
 
 
 def _eval(win: float, trusted: bool = True) -> dict:
@@ -40,29 +33,29 @@ def _eval(win: float, trusted: bool = True) -> dict:
 def make_run(root: Path, *, untrusted_last: bool = True) -> Path:
     """base, M0 and two iterations; iteration 2's judge is untrusted and its gate failed."""
     run = root / "demo"
-    _write(run / "config.yaml", "run:\n  name: demo\nselect:\n  k: 4.0\ncurate:\n  mode: logprob\n")
-    _write(run / "seed" / "data.jsonl", [{"instruction": "abcd", "response": "r" * 40, "origin": "seed"}] * 3)
-    _write(run / "base" / "eval" / "summary.json", _eval(0.30))
+    write_file(run / "config.yaml", "run:\n  name: demo\nselect:\n  k: 4.0\ncurate:\n  mode: logprob\n")
+    write_file(run / "seed" / "data.jsonl", [{"instruction": "abcd", "response": "r" * 40, "origin": "seed"}] * 3)
+    write_file(run / "base" / "eval" / "summary.json", _eval(0.30))
     for t in range(3):
         it = run / f"iter_{t:02d}"
-        _write(it / "finetune" / "manifest.json", {"stats": {"train_pairs": 3 + 2 * t, "final_loss": 2.0 - 0.25 * t},
+        write_file(it / "finetune" / "manifest.json", {"stats": {"train_pairs": 3 + 2 * t, "final_loss": 2.0 - 0.25 * t},
                                                    "stage": f"iter_{t:02d}/finetune", "seconds": 10.0 + t,
                                                    "started": f"2026-01-0{3 - t}T00:00:00",  # last ran first
                                                    "peak_rss_mib": 1000.0 + 100 * t, "rss_start_mib": 512.0,
                                                    **({"rss_end_mib": 768.0} if t else {})})
-        _write(it / "eval" / "summary.json", _eval(0.40 + 0.1 * t, trusted=not (untrusted_last and t == 2)))
+        write_file(it / "eval" / "summary.json", _eval(0.40 + 0.1 * t, trusted=not (untrusted_last and t == 2)))
         if t == 0:
             continue
         hist = {"1": 1, "2": 0, "3": 2, "4": 3, "5": t, "unscored": 1}
-        _write(it / "curate" / "manifest.json", {"stats": {"pairs": 7 + t, "histogram": hist, "unscored_rate": 0.125}})
+        write_file(it / "curate" / "manifest.json", {"stats": {"pairs": 7 + t, "histogram": hist, "unscored_rate": 0.125}})
         quality = {"instruction_chars": {"mean": 20.0 + t, "std": 2.0}, "response_chars": {"mean": 300.0, "std": 9.0},
                    "instruction_distinct_2": 0.7, "instruction_near_duplicate_rate": 0.0}
-        _write(it / "select" / "manifest.json", {"stats": {"candidates": 8, "selected": 3 + t,
+        write_file(it / "select" / "manifest.json", {"stats": {"candidates": 8, "selected": 3 + t,
                                                            "keep_rate": (3 + t) / 8, "contaminated": 0,
                                                            "curator": {"precision": 0.8, "recall": 0.5},
                                                            "quality": quality}})
         decision = {"check": WIN, "passed": t == 1, "reason": "ok" if t == 1 else "refused: evaluator untrusted"}
-        _write(it / "gate.json", {"passed": t == 1, "baseline": "iter_00", "decisions": [decision]})
+        write_file(it / "gate.json", {"passed": t == 1, "baseline": "iter_00", "decisions": [decision]})
     return run
 
 
@@ -123,7 +116,7 @@ def test_missing_pieces_render_as_dashes(tmp_path):
     for stage in ("select", "finetune"):
         (run / "iter_02" / stage / "manifest.json").unlink()
     (run / "iter_02" / "gate.json").unlink()
-    _write(run / "iter_01" / "eval" / "summary.json", "{not json")  # half-written
+    write_file(run / "iter_01" / "eval" / "summary.json", "{not json")  # half-written
     out = report.write_report(run)
     md = out["markdown"].read_text(encoding="utf-8")
     assert f"| {WIN} | – | 0.400 ± 0.050 | – | – |" in md
@@ -165,7 +158,7 @@ def test_metric_cell(metric, cell):
 def _stages(root: Path, manifests: dict[str, dict]) -> list:
     """The stages of a run directory holding these manifests, as the report orders them."""
     for i, (name, manifest) in enumerate(manifests.items()):
-        _write(root / name / "manifest.json", {"stage": name, "started": f"2026-01-01T00:00:0{i}", **manifest})
+        write_file(root / name / "manifest.json", {"stage": name, "started": f"2026-01-01T00:00:0{i}", **manifest})
     return read_run(root).stages_in_order()
 
 
@@ -185,7 +178,7 @@ def test_a_manifest_with_stats_only_is_no_stage_row(tmp_path):
     """Stats-only manifests (hand-made, or written before timings were recorded) stay out of the
     stage table but still fill the data table; a half-written one leaves a gap, not an error."""
     run = make_run(tmp_path)
-    _write(run / "iter_02" / "select" / "manifest.json", "{half")
+    write_file(run / "iter_02" / "select" / "manifest.json", "{half")
     md = report.write_report(run)["markdown"].read_text(encoding="utf-8")
     stages = md[md.index("## Stages"):md.index("## Plots")]
     assert "iter_01/curate" not in stages and "iter_01/finetune" in stages

@@ -10,20 +10,13 @@ from pathlib import Path
 import pytest
 
 from harness.runview import BASE, RunDirError, read_run
+from conftest import write_file
 
 WIN = "alpaca_eval/win_rate"
 
 
-def _write(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(obj, list):
-        path.write_text("".join(json.dumps(r) + "\n" for r in obj), encoding="utf-8")
-    else:
-        path.write_text(obj if isinstance(obj, str) else json.dumps(obj), encoding="utf-8")
-
-
 def _stage(root: Path, name: str, stats: dict, done: bool = True, **fields) -> None:
-    _write(root / name / "manifest.json", {"stage": name, "output_digest": f"d-{name}", "stats": stats, **fields})
+    write_file(root / name / "manifest.json", {"stage": name, "output_digest": f"d-{name}", "stats": stats, **fields})
     if done:
         (root / name / ".done").write_text("key")
 
@@ -31,14 +24,14 @@ def _stage(root: Path, name: str, stats: dict, done: bool = True, **fields) -> N
 def make_run(tmp_path: Path) -> Path:
     """seed, base, M0 and iteration 1 (curated, selected, trained, evaluated, gated)."""
     run = tmp_path / "run"
-    _write(run / "config.yaml", "run:\n  name: tiny\nmodel:\n  base: some/model\n")
-    _write(run / "env.json", {"git_commit": "abc123"})
+    write_file(run / "config.yaml", "run:\n  name: tiny\nmodel:\n  base: some/model\n")
+    write_file(run / "env.json", {"git_commit": "abc123"})
     _stage(run, "seed", {"kept": 2}, seconds=0.5, started="2026-01-01T00:00:00")
-    _write(run / "seed" / "data.jsonl", [{"instruction": "ab", "response": "r" * 10},
+    write_file(run / "seed" / "data.jsonl", [{"instruction": "ab", "response": "r" * 10},
                                          {"instruction": "abcd", "response": "r" * 30}])
     metric = {"value": 0.5, "stderr": 0.05, "n": 8, "higher_is_better": True, "trusted": False,
               "provenance": {"task_version": 1}}
-    _write(run / "base" / "eval" / "summary.json", {"metrics": {WIN: metric, "bare": 0.25},
+    write_file(run / "base" / "eval" / "summary.json", {"metrics": {WIN: metric, "bare": 0.25},
                                                     "judge_check": {"accuracy": 0.75, "trusted": False},
                                                     "seconds": 3})
     _stage(run, "iter_00/finetune", {"train_pairs": 2, "final_loss": 1.5}, seconds=2.0, peak_rss_mib=1024.0,
@@ -51,7 +44,7 @@ def make_run(tmp_path: Path) -> Path:
                                    "quality": {"instruction_chars": {"mean": 12.0, "std": 1.5},
                                                "instruction_near_duplicate_rate": 0.0}})
     _stage(run, "iter_01/eval", {}, done=False)  # still running: a manifest in the folder, no .done
-    _write(run / "iter_01" / "gate.json", {"passed": False, "baseline": "best", "evaluated": False, "decisions": [
+    write_file(run / "iter_01" / "gate.json", {"passed": False, "baseline": "best", "evaluated": False, "decisions": [
         {"check": "data/selected", "passed": False, "reason": "3 is below the minimum 5", "current": 3,
          "threshold": 5}]})
     return run
@@ -124,7 +117,7 @@ def test_a_malformed_manifest_names_the_file(tmp_path, caplog):
 ])
 def test_each_kind_of_malformed_file_names_file_and_field(tmp_path, name, content, problem):
     run = make_run(tmp_path)
-    _write(run / name, content)
+    write_file(run / name, content)
     with pytest.raises(RunDirError, match="^" + re.escape(str(run / name))) as err:
         read_run(run, strict=True)
     assert err.value.problem == problem
