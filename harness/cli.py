@@ -16,6 +16,7 @@ from harness.config import ConfigError, dump_config, load_config, valid_keys
 EXIT_CONFIG = 2
 EXIT_DATA = 3
 EXIT_GATE = 4
+EXIT_BUSY = 5
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="humpback",
         description="Instruction backtranslation (Humpback) with an evaluation-first harness.",
-        epilog="Config keys: " + ", ".join(valid_keys()),
+        epilog="Exit status: 0 done, 2 bad config, 3 unusable data or model, 4 a gate failed, 5 the run "
+               "directory is in use by another process. Config keys: " + ", ".join(valid_keys()),
     )
     parser.add_argument("--log-level", default=os.environ.get("HUMPBACK_LOG", "INFO"))
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from harness.iterate import GateFailed, format_summary, iterate, open_run, planned_stages, stage_name
+    from harness.rundir import RunDirBusy
     from harness.runview import RunDirError
     from pipeline.data import DataError
     from pipeline.models import ModelError
@@ -93,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             summary = evaluate_standalone(cfg, args.model, args.out)
+        except RunDirBusy as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BUSY
         except (DataError, ModelError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_DATA
@@ -106,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
                else f"iterate.iterations is {cfg.iterate.iterations}")
         print(f"error: this config runs no stage {stop} ({why})", file=sys.stderr)
         return EXIT_CONFIG
-    run = open_run(cfg, args.run_dir)
+    try:
+        run = open_run(cfg, args.run_dir)
+    except RunDirBusy as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BUSY
     try:
         summary = iterate(cfg, run, stop_after=stop)
     except (DataError, ModelError, RunDirError) as exc:

@@ -236,6 +236,7 @@ def evaluate_standalone(cfg: RunConfig, model_spec: str, out: str | Path | None)
     ``model/eval/summary.json``) in a directory of its own."""
     name = Path(model_spec.rstrip("/")).name.replace(".gguf", "") or "model"
     run = RunDir(out or Path(cfg.run.root) / f"eval-{name}")
+    run.lock()
     hardware.configure_threads(cfg.engine.threads)
     model = stages.model_input(model_spec, cfg.model.revision, name="model")
     check = check_judge_stage(run, cfg)

@@ -10,9 +10,11 @@ reuse the chunks it already committed there.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import socket
 import platform
 import shutil
 import subprocess
@@ -33,6 +35,14 @@ DONE = ".done"
 KEY = ".key"
 SCRATCH = "_scratch"
 LOGS = "logs"  # recorded in the manifest but left out of the output digest (timings differ per run)
+LOCK = ".lock"
+
+_HELD: dict[str, int] = {}
+"""Run directories this process holds the lock of (resolved path -> open file descriptor)."""
+
+
+class RunDirBusy(RuntimeError):
+    """Another process holds the run directory; the message names it."""
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "datasketch", "numpy")
 
 
@@ -94,6 +104,31 @@ class RunDir:
 
     def path(self, name: str) -> Path:
         return self.root / name
+
+    def lock(self) -> None:
+        """Hold the run directory for this process until it exits: a second process that asks is
+        refused with :class:`RunDirBusy`. The lock is the kernel's (``flock`` on ``.lock``), so a
+        process that is killed cannot leave it behind; the file only says who held it last.
+
+        Raises:
+            RunDirBusy: another process holds it; the message names its pid, host and start.
+        """
+        key = str(self.root.resolve())
+        if key in _HELD:
+            return
+        fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirBusy(f"run directory {self.root} is in use by another process ({holder}); wait for it "
+                             f"to finish or choose another --run-dir (the lock goes with that process, even if "
+                             f"it is killed)") from None
+        os.ftruncate(fd, 0)
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        _HELD[key] = fd
 
     def cache_key(self, name: str, version: str, settings: dict, inputs: dict[str, StageResult]) -> str:
         return settings_digest(

@@ -184,3 +184,49 @@ def test_stage_records_its_gpu_peak_and_returns_cached_gpu_memory(tmp_path, monk
     manifest = run.stage("gpu", on_gpu, version="v1", settings={}).manifest
     assert manifest["gpu_peak_mib"] == 3072.0
     assert cuda.calls == ["reset 0", "reset 1", "empty_cache"]  # cached blocks go back before the next stage
+
+
+def test_a_second_process_is_refused_until_the_first_is_killed(tmp_path):
+    """Two runs, one directory: the second process is refused with a message naming the first;
+    after the first is killed (SIGKILL: no clean-up runs), the directory is free again."""
+    import signal
+    import subprocess
+    import sys
+
+    from harness.rundir import RunDirBusy
+
+    root = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from harness.rundir import RunDir; "
+         f"RunDir({str(root)!r}).lock(); print('locked', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirBusy, match=rf"in use by another process \(.*\"pid\": {holder.pid}"):
+            RunDir(root).lock()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    RunDir(root).lock()  # the killed process left the file, not the lock
+    RunDir(root).lock()  # and this process may ask again
+
+
+def test_cli_refuses_a_busy_run_directory(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from harness.cli import EXIT_BUSY, main
+
+    root = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from harness.rundir import RunDir; "
+         f"RunDir({str(root)!r}).lock(); print('locked', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(["iterate", "--run-dir", str(root), "eval.enabled=false"]) == EXIT_BUSY
+        assert "in use by another process" in capsys.readouterr().err
+        assert not (root / "config.yaml").exists()  # refused before anything was written
+    finally:
+        holder.kill()
+        holder.wait()
