@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import io
 import json
+import re
 import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 PREVIEW_CHARS = 200
+UTF8_BOM = b"\xef\xbb\xbf"
+_SURROGATE = re.compile("[\udc80-\udcff]")
 
 
 class DataError(ValueError):
@@ -113,7 +116,28 @@ def _read_bytes(label: str, name: str, raw: bytes) -> Iterator[Record | Reject]:
                         f"optionally .gz)")
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` hook: an object naming a key twice is ambiguous (which value did the writer
+    mean?), so it is an error rather than the last value silently winning."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
 def _read_jsonl(label: str, raw: bytes) -> Iterator[Record | Reject]:
+    if raw.startswith(UTF8_BOM):
+        raw = raw[len(UTF8_BOM):]
     for lineno, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():
             continue
@@ -123,9 +147,15 @@ def _read_jsonl(label: str, raw: bytes) -> Iterator[Record | Reject]:
             yield Reject(label, lineno, f"not UTF-8: {exc.reason} at byte {exc.start}", _preview(line))
             continue
         try:
-            obj = json.loads(text)
+            obj = _loads(text)
         except json.JSONDecodeError as exc:
             yield Reject(label, lineno, f"malformed JSON: {exc.msg}", _preview(text))
+            continue
+        except _DuplicateKey as exc:
+            yield Reject(label, lineno, f"duplicate key: {str(exc)!r} appears twice in one object", _preview(text))
+            continue
+        except RecursionError:
+            yield Reject(label, lineno, "malformed JSON: nested too deeply", _preview(text))
             continue
         if not isinstance(obj, dict):
             yield Reject(label, lineno, f"record is a JSON {type(obj).__name__}, not an object", _preview(text))
@@ -135,9 +165,12 @@ def _read_jsonl(label: str, raw: bytes) -> Iterator[Record | Reject]:
 
 def _read_json(label: str, raw: bytes) -> Iterator[Record | Reject]:
     try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        obj = _loads(raw.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise DataError(f"{label}: not a valid UTF-8 JSON document: {exc}") from exc
+    except _DuplicateKey as exc:
+        raise DataError(f"{label}: key {str(exc)!r} appears twice in one object (ambiguous); fix the file, "
+                        f"or use JSONL, where such a record is rejected alone") from exc
     if isinstance(obj, dict):
         lists = [v for v in obj.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -153,25 +186,37 @@ def _read_json(label: str, raw: bytes) -> Iterator[Record | Reject]:
 
 
 def _read_csv(label: str, raw: bytes) -> Iterator[Record | Reject]:
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{label}: not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    # Bytes that are not UTF-8 become lone surrogates, so the rows around them are still read and
+    # only the rows holding them are rejected.
+    text = raw.decode("utf-8-sig", errors="surrogateescape")
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    try:
-        for row in reader:
-            if None in row:
-                yield Reject(label, reader.line_num, "row has more cells than the header", _preview(row))
-                continue
+    rows = iter(reader)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # e.g. a field over the size limit; the reader goes on after it
+            yield Reject(label, reader.line_num, f"malformed CSV: {exc}")
+            continue
+        if None in row:
+            yield Reject(label, reader.line_num, "row has more cells than the header", _preview(row))
+        elif any(_SURROGATE.search(v) for v in row.values() if isinstance(v, str)) or (
+                reader.fieldnames and any(_SURROGATE.search(f) for f in reader.fieldnames)):
+            yield Reject(label, reader.line_num, "not UTF-8: undecodable bytes in the row or the header",
+                         _preview(row))
+        else:
             yield Record(label, reader.line_num, dict(row))
-    except csv.Error as exc:
-        yield Reject(label, reader.line_num, f"malformed CSV: {exc}")
 
 
 def _read_parquet(label: str, raw: bytes) -> Iterator[Record | Reject]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(io.BytesIO(raw))
+    try:
+        table = pq.read_table(io.BytesIO(raw))
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise DataError(f"{label}: not a readable Parquet file: {exc}") from exc
     for index, row in enumerate(table.to_pylist()):
         yield Record(label, index, row)
 
@@ -195,8 +240,10 @@ def _read_pydoc(spec: str) -> Iterator[Record | Reject]:
 
 
 def _preview(value: Any) -> str:
+    """The start of a bad record as printable text (undecodable bytes replaced, so a rejects file
+    can always be written)."""
     text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-    return text[:PREVIEW_CHARS]
+    return text[:PREVIEW_CHARS].encode("utf-8", "replace").decode("utf-8")
 
 
 def _text_field(record: Record, field: str) -> str | Reject:
