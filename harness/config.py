@@ -66,6 +66,9 @@ class GateSection(Section):
     min_selected: int = Field(1, ge=0)
     """Data gate: fewer curated pairs than this and the iteration does not fine-tune."""
     max_unscored_rate: float = Field(0.5, ge=0, le=1)
+    max_augment_reject_rate: float = Field(0.5, ge=0, le=1)
+    """Data gate: the share of corpus segments augmentation may leave without a usable
+    instruction (unfinished, echo, too short); above it the loop stops, naming the reasons."""
     max_contamination_rate: float = Field(0.05, ge=0, le=1)
     """Share of selected pairs that overlapped an evaluation prompt (they are dropped either way)."""
 

@@ -174,6 +174,25 @@ def data_decisions(selected: int | None, contaminated: int | None, unscored_rate
     ]
 
 
+def augment_yield_check(stats: dict[str, Any], max_reject_rate: float) -> Decision:
+    """Augmentation's yield as a data check: the share of corpus segments that got no usable
+    instruction, failing above ``max_reject_rate`` with the reasons counted (``unfinished``:
+    the instruction ran past the new-token budget; ``echo``: it copied its segment; ...)."""
+    segments = stats.get("segments")
+    rejected = stats.get("rejected") or {}
+    if not isinstance(segments, int) or segments <= 0 or not isinstance(rejected, dict):
+        return Decision("augment/reject_rate", False, "augmentation stats missing")
+    rate = sum(v for v in rejected.values() if isinstance(v, int)) / segments
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(rejected.items(), key=lambda kv: -kv[1])) or "none"
+    if rate > max_reject_rate:
+        return Decision("augment/reject_rate", False,
+                        f"{rate:.2f} of {segments} segments got no usable instruction, above the maximum "
+                        f"{max_reject_rate:g} (reasons: {reasons}); see augment/rejects.jsonl", rate, None,
+                        max_reject_rate)
+    return Decision("augment/reject_rate", True, f"{rate:.2f} within limits (reasons: {reasons})", rate, None,
+                    max_reject_rate)
+
+
 # --------------------------------------------------------------------------- on a run directory
 
 
@@ -184,6 +203,9 @@ def decide_iteration(view: RunView, cfg: RunConfig, t: int, evaluated: bool) -> 
     decisions = data_decisions(it.selection.selected, it.selection.contaminated, it.curation.unscored_rate,
                                min_selected=cfg.gate.min_selected, max_unscored_rate=cfg.gate.max_unscored_rate,
                                max_contamination_rate=cfg.gate.max_contamination_rate)
+    augment = view.stages.get("augment")
+    if augment is not None:
+        decisions.append(augment_yield_check(augment.stats, cfg.gate.max_augment_reject_rate))
     if evaluated and cfg.eval.enabled:
         history = {}
         for i in range(0, t + 1):

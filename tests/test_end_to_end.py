@@ -236,7 +236,8 @@ def test_gates_written_and_passed(finished_run):
         g = json.loads((run.root / f"iter_{t:02d}" / "gate.json").read_text())
         assert g["passed"] and g["evaluated"]
         checks = {d["check"] for d in g["decisions"]}
-        assert {"data/selected", "curation/unscored_rate", "data/contamination_rate", "truthfulqa_mc1/acc"} <= checks
+        assert {"data/selected", "curation/unscored_rate", "data/contamination_rate", "augment/reject_rate",
+                "truthfulqa_mc1/acc"} <= checks
 
 
 def test_report_and_tracking_written(finished_run):

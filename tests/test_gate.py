@@ -134,3 +134,15 @@ def test_gate_command_names_a_malformed_file(tmp_path, capsys):
     assert main(["gate", str(run)]) == EXIT_DATA
     assert f"error: {bad}: not valid JSON" in capsys.readouterr().err
     assert not (run / "iter_01" / "gate.json").exists()  # no decision on a half-read directory
+
+
+def test_augment_yield_gate_names_the_reasons():
+    from harness.gate import augment_yield_check
+
+    news = {"segments": 48, "generated": 25, "rejected": {"unfinished": 21, "echo": 2}}  # 23 of 48 lost
+    assert augment_yield_check(news, 0.5).passed  # 0.479 is under 0.5
+    d = augment_yield_check(news, 0.4)
+    assert not d.passed and d.current == pytest.approx(23 / 48) and d.threshold == 0.4
+    assert d.reason.startswith("0.48 of 48 segments got no usable instruction, above the maximum 0.4")
+    assert "reasons: unfinished 21, echo 2" in d.reason and "augment/rejects.jsonl" in d.reason
+    assert not augment_yield_check({}, 0.5).passed  # missing stats never pass silently
