@@ -196,9 +196,20 @@ def collect_eval_prompt_sets(
     return out
 
 
-def load_labelled_pairs(name: str = "curation_labelled_v1.jsonl") -> list[dict[str, Any]]:
+def load_labelled_pairs(name: str = "curation_labelled_v1.jsonl", n: int | None = None) -> list[dict[str, Any]]:
+    """The project-written labelled pairs (a smoke test of the curator, not an outside measure);
+    ``n``: at most ``n // 2`` of each label, in file order (None: all)."""
     ref = resources.files("evals") / "resources" / name
-    return [json.loads(line) for line in ref.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [json.loads(line) for line in ref.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if n is None:
+        return rows
+    taken: dict[str, int] = {}
+    out = []
+    for row in rows:
+        if taken.get(row["label"], 0) < n // 2:
+            taken[row["label"]] = taken.get(row["label"], 0) + 1
+            out.append(row)
+    return out
 
 
 def curator_precision_recall(labels: Sequence[str], scores: Sequence[float | None], k: float) -> dict[str, Any]:

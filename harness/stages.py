@@ -266,7 +266,8 @@ def curate_candidates(run: RunDir, cfg: RunConfig, iteration: int, candidates: S
         )
         write_jsonl(ctx.work / "scores.jsonl", scores)
         # The same curator on pairs whose quality is known, for precision and recall at k.
-        labelled = [{**r, "segment_id": f"labelled-{i}"} for i, r in enumerate(quality.load_labelled_pairs())]
+        labelled = [{**r, "segment_id": f"labelled-{i}"}
+                    for i, r in enumerate(quality.load_labelled_pairs(n=cfg.curate.smoke_pairs))]
         checks = curate.score_pairs(engine, labelled, cfg.curate, system, seed=cfg.run.seed)
         write_jsonl(ctx.work / "labelled_scores.jsonl",
                     ({**c, "label": r["label"]} for c, r in zip(checks, labelled)))

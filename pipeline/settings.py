@@ -141,6 +141,10 @@ class CurateSection(Section):
     temperature: float = Field(0.0, ge=0)
     batch_size: int = Field(8, ge=1)
     chunk_size: int = Field(64, ge=1)
+    smoke_pairs: int | None = Field(None, ge=2)
+    """How many of the 40 project-written labelled pairs (half good, half bad) the curator also
+    rates at every curation, as a smoke test of the curator (None: all 40; an even number takes
+    the first half as many of each label)."""
     min_choice_mass: float = Field(0.0, ge=0, le=1)
     """logprob mode: a pair whose five score tokens get less probability than this in total is
     unscored rather than given a meaningless expected score."""

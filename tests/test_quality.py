@@ -63,3 +63,13 @@ def test_curator_precision_recall_hand_computed():
     assert out["precision"] == 0.5 and out["recall"] == pytest.approx(1 / 3, abs=1e-4)
     assert out["unscored"] == 1 and out["predicted_good"] == 2
     assert curator_precision_recall(["bad"], [1], 4)["precision"] is None
+
+
+def test_smoke_subset_is_balanced_and_in_file_order():
+    from evals.quality import load_labelled_pairs
+
+    every = load_labelled_pairs()
+    assert len(every) == 40 and sorted({r["label"] for r in every}) == ["bad", "good"]
+    few = load_labelled_pairs(n=8)
+    assert [r["label"] for r in few].count("good") == 4 and [r["label"] for r in few].count("bad") == 4
+    assert few == [r for r in every if r in few]  # a subsequence: file order kept

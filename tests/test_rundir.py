@@ -186,22 +186,29 @@ def test_stage_records_its_gpu_peak_and_returns_cached_gpu_memory(tmp_path, monk
     assert cuda.calls == ["reset 0", "reset 1", "empty_cache"]  # cached blocks go back before the next stage
 
 
+def _hold_lock_in_another_process(root):
+    """A child process that takes the run directory's lock and sleeps; returns once it holds it."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from harness.rundir import RunDir; "
+         f"RunDir({str(root)!r}).lock(); print('locked', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
 def test_a_second_process_is_refused_until_the_first_is_killed(tmp_path):
     """Two runs, one directory: the second process is refused with a message naming the first;
     after the first is killed (SIGKILL: no clean-up runs), the directory is free again."""
     import signal
-    import subprocess
-    import sys
 
     from harness.rundir import RunDirBusy
 
     root = tmp_path / "run"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from harness.rundir import RunDir; "
-         f"RunDir({str(root)!r}).lock(); print('locked', flush=True); time.sleep(120)"],
-        stdout=subprocess.PIPE, text=True)
+    holder = _hold_lock_in_another_process(root)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunDirBusy, match=rf"in use by another process \(.*\"pid\": {holder.pid}"):
             RunDir(root).lock()
     finally:
@@ -212,18 +219,11 @@ def test_a_second_process_is_refused_until_the_first_is_killed(tmp_path):
 
 
 def test_cli_refuses_a_busy_run_directory(tmp_path, capsys):
-    import subprocess
-    import sys
-
     from harness.cli import EXIT_BUSY, main
 
     root = tmp_path / "run"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import time; from harness.rundir import RunDir; "
-         f"RunDir({str(root)!r}).lock(); print('locked', flush=True); time.sleep(120)"],
-        stdout=subprocess.PIPE, text=True)
+    holder = _hold_lock_in_another_process(root)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         assert main(["iterate", "--run-dir", str(root), "eval.enabled=false"]) == EXIT_BUSY
         assert "in use by another process" in capsys.readouterr().err
         assert not (root / "config.yaml").exists()  # refused before anything was written
