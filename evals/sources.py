@@ -126,7 +126,7 @@ def resolve_reference(
     """The reference outputs file to read, downloading it from the hub if that is the source.
 
     Args:
-        data_dir: a folder laid out like ../shared/data (or its ``alpaca_eval/`` folder); may be
+        data_dir: ``packaged`` (the data shipped in ``evals/data``) or a folder laid out like it (or its ``alpaca_eval/`` folder); may be
             None or missing when the hub is the source.
         reference: ``text_davinci_003``, ``gpt4_turbo``, a path to another AlpacaEval outputs
             JSON, or a model name in ``model_outputs/`` (the last two are always local).
