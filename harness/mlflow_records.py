@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.gate import GATE, GateResult
-from harness.runview import BASE, CHECKPOINT, EVAL_SUMMARY, MANIFEST, Curation, EvalSummary, ModelView, \
-    RunView, Selection
+from harness.runview import BASE, CHECKPOINT, EVAL_SUMMARY, JUDGE_NUMBERS, MANIFEST, Curation, EvalSummary, \
+    ModelView, RunView, Selection
 
 TAG_RUN_DIR = "humpback.run_dir"
 TAG_CONFIG = "humpback.config_digest"
@@ -79,7 +79,7 @@ def eval_metrics(summary: EvalSummary | None) -> dict[str, float]:
             out[name] = float(m.value)
         if _value(m.stderr) is not None:
             out[f"{name}_stderr"] = float(m.stderr)
-    for key in ("accuracy", "position_bias", "trusted"):
+    for key in (*JUDGE_NUMBERS, "trusted"):
         value = _value(getattr(summary.judge_check, key))
         if value is not None:
             out[f"judge/{key}"] = value
@@ -94,6 +94,8 @@ def curation_metrics(curation: Curation, selection: Selection) -> dict[str, floa
     out["curation/unscored_rate"] = curation.unscored_rate
     for key, value in (selection.curator or curation.curator).items():
         out[f"curation/curator_{key}"] = value
+    for key, value in curation.calibration.items():
+        out[f"curation/calibration_{key}"] = value
     for key in ("keep_rate", "selected", "candidates", "k"):
         out[f"curation/{key}"] = getattr(selection, key)
     out["curation/unscored"] = curation.unscored if selection.unscored is None else selection.unscored

@@ -15,8 +15,9 @@ from harness.runview import MeanStd, ModelView, RunView, Stage
 
 DASH = "–"
 UNTRUSTED = "†"
-UNTRUSTED_NOTE = (f"{UNTRUSTED} untrusted: the judge failed its own check (agreement with labels or "
-                  "position bias), so gates refuse to compare this number.")
+UNTRUSTED_NOTE = (f"{UNTRUSTED} untrusted: the judge did not beat always-choosing-the-longer-answer on "
+                  "human-labelled pairs outside the interval (judge/minus_longer), so gates refuse to compare "
+                  "this number.")
 SCORES = ("1", "2", "3", "4", "5", "unscored")
 
 Table = tuple[list[str], list[list[str]]]
@@ -82,6 +83,18 @@ def _gate_cell(model: ModelView) -> str:
 # --------------------------------------------------------------------------- evaluation
 
 
+def _with_interval(check, key: str) -> str:
+    return _interval_cell({k: getattr(check, k) for k in (key, f"{key}_low", f"{key}_high")}, key)
+
+
+def _interval_cell(numbers: dict[str, Any], key: str) -> str:
+    """``"0.620 [0.540, 0.700]"`` from ``key``, ``key_low``, ``key_high``; "–" when missing."""
+    value, low, high = (numbers.get(k) for k in (key, f"{key}_low", f"{key}_high"))
+    if value is None:
+        return DASH
+    return fmt(value) if low is None or high is None else f"{fmt(value)} [{fmt(low)}, {fmt(high)}]"
+
+
 def metric_of(model: ModelView, name: str) -> Metric | None:
     return model.eval.metrics.get(name) if model.eval else None
 
@@ -95,7 +108,11 @@ def metric_table(view: RunView) -> Table:
             if name not in names:
                 names.append(name)
     rows = [[name] + [metric_cell(metric_of(m, name)) for m in models] for name in names]
-    for key in ("accuracy", "position_bias"):
+    for key in ("human_accuracy", "minus_longer", "gpt4_agreement"):
+        cells = [_with_interval(m.eval.judge_check, key) if m.eval else DASH for m in models]
+        if any(cell != DASH for cell in cells):
+            rows.append([f"judge/{key}"] + cells)
+    for key in ("planted_accuracy", "position_bias"):
         cells = [fmt(getattr(m.eval.judge_check, key)) if m.eval else DASH for m in models]
         if any(cell != DASH for cell in cells):
             rows.append([f"judge/{key}"] + cells)
@@ -115,6 +132,8 @@ def metric_notes(view: RunView, table: Table) -> list[str]:
     notes = []
     if any(UNTRUSTED in cell for row in table[1] for cell in row):
         notes.append(UNTRUSTED_NOTE)
+    verdicts = {m.eval.judge_check.verdict for m in view.models.values() if m.eval and m.eval.judge_check.verdict}
+    notes += [f"judge calibration: {v}" for v in sorted(verdicts)]
     lc = [metric_of(m, "alpaca_eval/lc_win_rate") for m in view.models.values()]
     glms = {metric.provenance.get("lc_glm") for metric in lc if metric is not None} - {None}
     notes += [LC_GLM_NOTES.get(g, f"alpaca_eval/lc_win_rate: GLM {g}") for g in sorted(glms)]
@@ -138,6 +157,11 @@ DATA_ROWS: list[tuple[str, Callable[[ModelView], str]]] = [
     ("pairs rated", _curation("pairs")),
     ("score histogram", lambda m: _histogram_cell(m.curation.histogram)),
     ("unscored rate", _curation("unscored_rate")),
+    ("curator accuracy, human labels", lambda m: _interval_cell(m.curation.calibration, "human_accuracy")),
+    ("curator minus always-longer", lambda m: _interval_cell(m.curation.calibration, "human_minus_longer")),
+    ("curator agreement with GPT-4", lambda m: _interval_cell(m.curation.calibration, "gpt4_accuracy")),
+    ("curator rank corr. with GPT-4", lambda m: _interval_cell(m.curation.calibration, "spearman_gpt4")),
+    ("k suggested by labels", lambda m: fmt(m.curation.calibration.get("suggested_k"))),
     ("curator precision", lambda m: fmt(m.selection.curator.get("precision"))),  # P/R depend on k: select's
     ("curator recall", lambda m: fmt(m.selection.curator.get("recall"))),
     ("selected", _selection("selected")),

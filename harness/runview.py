@@ -136,12 +136,16 @@ class Curation:
     unscored: int | None = None
     unscored_rate: float | None = None
     curator: dict[str, float] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    """The curator against outside labels (``harness.calibration.curator_headline``): pairwise
+    accuracy on human labels and with GPT-4, with intervals, rank correlation, suggested k."""
 
     @classmethod
     def of(cls, path: Path, stats: dict[str, Any]) -> Curation:
         return cls(_number(stats.get("pairs")), _mapping(path, stats.get("histogram"), "stats.histogram"),
                    _number(stats.get("unscored")), _number(stats.get("unscored_rate")),
-                   _mapping(path, stats.get("curator"), "stats.curator"))
+                   _mapping(path, stats.get("curator"), "stats.curator"),
+                   _mapping(path, stats.get("calibration"), "stats.calibration"))
 
 
 @dataclass(frozen=True)
@@ -180,13 +184,31 @@ class Selection:
         )
 
 
+JUDGE_NUMBERS = ("human_accuracy", "human_accuracy_low", "human_accuracy_high", "minus_longer", "minus_longer_low",
+                 "minus_longer_high", "gpt4_agreement", "gpt4_agreement_low", "gpt4_agreement_high",
+                 "planted_accuracy", "position_bias")
+
+
 @dataclass(frozen=True)
 class JudgeCheck:
-    """How the judge did on labelled pairs; an untrusted judge's numbers are not compared."""
+    """How the judge did against outside labels (trust) and on planted pairs (sanity); an
+    untrusted judge's numbers are not compared."""
 
-    accuracy: float | None = None
+    human_accuracy: float | None = None
+    """Accuracy on the human-labelled pairs, both orders averaged, with its 95% interval."""
+    human_accuracy_low: float | None = None
+    human_accuracy_high: float | None = None
+    minus_longer: float | None = None
+    """Paired difference from always choosing the longer answer, same pairs, with its interval."""
+    minus_longer_low: float | None = None
+    minus_longer_high: float | None = None
+    gpt4_agreement: float | None = None
+    gpt4_agreement_low: float | None = None
+    gpt4_agreement_high: float | None = None
+    planted_accuracy: float | None = None
     position_bias: float | None = None
     trusted: bool | None = None
+    verdict: str | None = None
 
 
 @dataclass(frozen=True)
@@ -216,8 +238,11 @@ def _eval_summary(path: Path) -> EvalSummary | None:
     trusted = check.get("trusted")
     return EvalSummary(
         {name: _metric(path, name, m) for name, m in _mapping(path, raw.get("metrics"), "metrics").items()},
-        JudgeCheck(_number(check.get("accuracy")), _number(check.get("position_bias")),
-                   trusted if isinstance(trusted, bool) else None),
+        JudgeCheck(**{k: _number(check.get(k)) for k in JUDGE_NUMBERS if k != "planted_accuracy"},
+                   # runs made before the calibration stage hold only the planted check's accuracy
+                   planted_accuracy=_number(check.get("planted_accuracy", check.get("accuracy"))),
+                   trusted=trusted if isinstance(trusted, bool) else None,
+                   verdict=check.get("verdict") if isinstance(check.get("verdict"), str) else None),
         _number(raw.get("seconds")),
     )
 

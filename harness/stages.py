@@ -21,7 +21,7 @@ from pipeline.digests import model_dir_digest
 from pipeline import augment, corpus, curate, data, hardware
 from pipeline.engine import TransformersEngine
 from pipeline.finetune import finetune
-from pipeline.io import chunked_map, read_jsonl, write_jsonl
+from pipeline.io import chunked_map, read_jsonl, write_json_atomic, write_jsonl
 from pipeline.models import is_adapter, load_model, load_tokenizer, resolve_base
 from pipeline.prompts import backward_messages, forward_messages
 
@@ -273,22 +273,44 @@ def curate_candidates(run: RunDir, cfg: RunConfig, iteration: int, candidates: S
                     ({**c, "label": r["label"]} for c, r in zip(checks, labelled)))
         values = [s["score"] for s in scores]
         unscored = sum(v is None for v in values)
-        return {"pairs": len(scores), "histogram": curate.score_histogram(values), "unscored": unscored,
-                "unscored_rate": round(unscored / len(scores), 4) if scores else 0.0, "mode": cfg.curate.mode}
+        stats = {"pairs": len(scores), "histogram": curate.score_histogram(values), "unscored": unscored,
+                 "unscored_rate": round(unscored / len(scores), 4) if scores else 0.0, "mode": cfg.curate.mode}
+        if cfg.curate.calibration_pairs:
+            # The same curator on answer pairs labelled outside the project (evals/calibration).
+            from harness.calibration import calibrate_curator, curator_headline
+
+            result, rows = calibrate_curator(engine, cfg, system, cfg.curate.calibration_pairs, seed=cfg.run.seed)
+            write_json_atomic(ctx.work / "calibration.json", result)
+            write_jsonl(ctx.work / "calibration_ratings.jsonl", rows)
+            stats["calibration"] = curator_headline(result)
+        return stats
 
     settings = {"curate": cfg.curate.model_dump(), "system": system, "seed": cfg.run.seed, "engine_bf16": cfg.engine.bf16}
-    return run.stage(f"iter_{iteration:02d}/curate", fn, version="curate_v1", settings=settings,
+    return run.stage(f"iter_{iteration:02d}/curate", fn, version="curate_v2", settings=settings,
                      inputs={"candidates": candidates, "model": model})
+
+
+def calibrated_k(scores: StageResult) -> float:
+    """The threshold the curate stage's calibration suggests (``select.k: calibrated``)."""
+    k = (scores.stats.get("calibration") or {}).get("suggested_k")
+    if k is None:
+        raise data.DataError(f"select.k is 'calibrated' but {scores.path} has no calibrated threshold: set "
+                             f"curate.calibration_pairs (labelled pairs the curator rates) or a numeric select.k")
+    return float(k)
 
 
 def select_candidates(run: RunDir, cfg: RunConfig, iteration: int, candidates: StageResult, scores: StageResult) -> StageResult:
     def fn(ctx: StageContext) -> dict[str, Any]:
         pairs = read_jsonl(ctx.inputs["candidates"].path / "candidates.jsonl")
         scored = read_jsonl(ctx.inputs["scores"].path / "scores.jsonl")
-        kept, stats = curate.select_pairs(pairs, scored, cfg.select)
+        select = cfg.select
+        if select.k == "calibrated":
+            select = select.model_copy(update={"k": calibrated_k(ctx.inputs["scores"])})
+        kept, stats = curate.select_pairs(pairs, scored, select)
+        stats["k_source"] = "calibrated" if cfg.select.k == "calibrated" else "config"
         labelled = read_jsonl(ctx.inputs["scores"].path / "labelled_scores.jsonl")
         stats["curator"] = quality.curator_precision_recall(
-            [r["label"] for r in labelled], [r["score"] for r in labelled], cfg.select.k)
+            [r["label"] for r in labelled], [r["score"] for r in labelled], select.k)
         kept, dropped, contamination = drop_contaminated(kept, cfg)
         write_jsonl(ctx.work / "data.jsonl", kept)
         write_jsonl(ctx.work / "contaminated.jsonl", dropped)

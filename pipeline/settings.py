@@ -145,15 +145,23 @@ class CurateSection(Section):
     """How many of the 40 project-written labelled pairs (half good, half bad) the curator also
     rates at every curation, as a smoke test of the curator (None: all 40; an even number takes
     the first half as many of each label)."""
+    calibration_pairs: int | None = Field(None, ge=2)
+    """Labelled pairs per source (LLMBar Natural, MT-Bench, GPT-4's AlpacaEval judgments) whose two
+    answers the curator also rates at every curation, for its pairwise accuracy against outside
+    labels, its rank correlation with GPT-4 across five models, and a threshold suggested by the
+    labels (``curate/calibration.json``). None: no calibration. Costs 2 ratings per pair."""
     min_choice_mass: float = Field(0.0, ge=0, le=1)
     """logprob mode: a pair whose five score tokens get less probability than this in total is
     unscored rather than given a meaningless expected score."""
 
 
 class SelectSection(Section):
-    k: float = 4.0
+    k: float | Literal["calibrated"] = 4.0
     """Keep pairs whose score is at least k (the paper's A_4 and A_5 sets; 4.5 is meaningful in
-    logprob mode)."""
+    logprob mode). ``calibrated``: the threshold that best separated the better from the worse
+    answers of human-labelled pairs when this curator rated them in the same curation stage
+    (needs ``curate.calibration_pairs``), so k comes from outside labels rather than from the
+    curator's own score distribution."""
     max_pairs: int | None = None
 
 

@@ -36,11 +36,14 @@ def tiny_overrides(model: Path) -> dict:
         "corpus": {"max_chars": 1500, "max_segments": 12},
         "backward": train,
         "augment": {"max_new_tokens": 24, "batch_size": 4, "chunk_size": 1, "drop_unfinished": False},
-        "curate": {"mode": "logprob", "batch_size": 4, "chunk_size": 4},
+        "curate": {"mode": "logprob", "batch_size": 4, "chunk_size": 4, "calibration_pairs": 2},
         "select": {"k": 3.0},
         "finetune": train,
         "engine": {"bf16": "off"},
+        # The fake judge is always-longer itself, so its calibration cannot trust it; the tests
+        # vouch for it to exercise gates on win rates.
         "eval": {"data_dir": "packaged", "alpaca_subset": 3, "judge": "humpback_longest_fake", "judge_check_pairs": 2,
+                 "judge_trust": "assumed", "judge_calibration_pairs": 10,
                  "min_judge_accuracy": 0.5, "heldout_tasks": ["truthfulqa_mc1"], "heldout_limit": 2,
                  "max_new_tokens": 12, "batch_size": 4},
         "gate": {"metrics": [{"metric": "truthfulqa_mc1/acc", "abs_tol": 0.05},
@@ -228,6 +231,19 @@ def test_every_model_is_evaluated_with_provenance(finished_run):
     assert len(provs) == 1
     check = json.loads((run.root / "judge_check" / "judge_check.json").read_text())
     assert check["n_judgments"] > 0 and "position_bias" in check
+    # Trust is decided by the calibration on outside labels: the fake judge is always-longer itself.
+    calibration = json.loads((run.root / "judge_check" / "calibration.json").read_text())
+    assert calibration["groups"]["human"]["vs"]["longer"]["mean"] == 0.0 and calibration["trusted"] is False
+    for summary in summaries.values():
+        check = summary["judge_check"]
+        assert check["trusted"] is True and check["verdict"].startswith("trust assumed by configuration")
+        assert "does not beat always-longer" in check["verdict"] and check["human_accuracy"] is not None
+    # Every curation rates the calibration pairs too, and its stats carry the headline numbers.
+    for t in (1, 2):
+        stage = run.root / f"iter_{t:02d}" / "curate"
+        assert json.loads((stage / "calibration.json").read_text())["groups"]["human"]["raters"]["curator"]["n_pairs"] >= 1
+        stats = json.loads((stage / "manifest.json").read_text())["stats"]["calibration"]
+        assert {"human_accuracy", "human_accuracy_low", "gpt4_accuracy", "suggested_k"} <= set(stats)
 
 
 def test_gates_written_and_passed(finished_run):

@@ -102,6 +102,7 @@ def test_api_judge_scores_without_any_local_judge_model(tiny_model, eval_data, t
 
     cfg = load_config(None, [f"eval.judge={API_JUDGE}", "eval.data_dir=packaged", "eval.alpaca_subset=3",
                              "eval.max_new_tokens=8", "eval.batch_size=4", "eval.judge_check_pairs=1",
+                             "eval.judge_calibration_pairs=2",
                              "eval.heldout_tasks=[]", "eval.alpaca_lc_glm=length_controlled_minimal",
                              "engine.bf16=off", "engine.device=cpu"])
     summary = evaluate.evaluate_standalone(cfg, str(tiny_model), tmp_path / "eval")
@@ -131,4 +132,8 @@ def test_api_judge_scores_without_any_local_judge_model(tiny_model, eval_data, t
     # The judge check went through the same fake: one record, three corruptions, both orders.
     check = json.loads((tmp_path / "eval" / "judge_check" / "judge_check.json").read_text())
     assert check["n_judgments"] == 6 and check["n_missing"] == 0
-    assert len(fake_openai) == 3 + 6
+    # ... and so did the calibration: 2 labelled pairs from each of 3 sources, both orders.
+    calibration = json.loads((tmp_path / "eval" / "judge_check" / "calibration.json").read_text())
+    assert calibration["pairs"] == {"llmbar_natural": 2, "llmbar_mtbench": 2, "alpaca_eval_gpt4": 2}
+    assert calibration["groups"]["human"]["judges"][API_JUDGE]["n_pairs"] == 4
+    assert len(fake_openai) == 3 + 6 + 12

@@ -39,7 +39,7 @@ def test_record_counts_match_sources():
 
 def test_shipped_data_stays_small():
     total = sum(p.stat().st_size for p in bundled.packaged_dir().rglob("*") if p.is_file())
-    assert total < 4_000_000, f"evals/data holds {total:,} bytes; keep what ships to a few MB"
+    assert total < 5_000_000, f"evals/data holds {total:,} bytes; keep what ships to a few MB"
 
 
 def test_default_config_reads_only_the_package():

@@ -59,7 +59,9 @@ def test_every_piece_is_read_once_into_typed_records(tmp_path):
     win = base.eval.metrics[WIN]
     assert (win.value, win.stderr, win.n, win.trusted, win.provenance) == (0.5, 0.05, 8, False, {"task_version": 1})
     assert base.eval.metrics["bare"].value == 0.25 and base.eval.metrics["bare"].trusted is True
-    assert base.eval.judge_check.accuracy == 0.75 and base.eval.judge_check.trusted is False
+    # a run made before judge calibration: its planted-pairs accuracy is read as such
+    assert base.eval.judge_check.planted_accuracy == 0.75 and base.eval.judge_check.trusted is False
+    assert base.eval.judge_check.human_accuracy is None
     assert base.eval.seconds == 3 and base.iteration is None and base.gate is None
 
     m0 = view.model("iter_00")

@@ -121,11 +121,76 @@ def longest_completions(
     return _completions_result(out, time.perf_counter() - start)
 
 
+RUBRIC_TEMPLATE = "curation_rubric_logprob_v1"
+_RUBRIC_TAGS = ("humpback_instruction", "humpback_output_m", "humpback_output_M")
+
+
+def split_rubric_prompt(prompt: str) -> tuple[str, str, str] | None:
+    """Instruction and the two outputs from a ``humpback_local_rubric`` prompt, or None when any
+    delimiter line occurs more than once (an output carrying the delimiters cannot be split
+    safely, so it is not judged)."""
+    parts = []
+    rest = prompt
+    for tag in _RUBRIC_TAGS:
+        opening, closing = f"<{tag}>\n", f"\n</{tag}>"
+        if prompt.count(opening) != 1 or prompt.count(closing) != 1:
+            return None
+        start = rest.find(opening)
+        end = rest.find(closing, start)
+        if start < 0 or end < 0:
+            return None
+        parts.append(rest[start + len(opening):end])
+        rest = rest[end + len(closing):]
+    return parts[0], parts[1], parts[2]
+
+
+def p_first_better(first: Sequence[float], second: Sequence[float]) -> float:
+    """P(X1 > X2) + P(X1 = X2) / 2 for independent scores with these (unnormalized) distributions."""
+    a, b = sum(first), sum(second)
+    if a <= 0 or b <= 0:
+        return 0.5
+    p = [x / a for x in first]
+    q = [x / b for x in second]
+    greater = sum(p[i] * q[j] for i in range(len(p)) for j in range(len(q)) if i > j)
+    equal = sum(p[i] * q[i] for i in range(len(p)))
+    return greater + equal / 2
+
+
+def engine_rubric_completions(
+    prompts: Sequence[str], *, judge: "Judge", choices: Sequence[str] = ("m", "M"), **_: Any
+) -> dict[str, list]:
+    """alpaca_eval completion function of the pointwise judge: each output rated on its own
+    with the curation rubric (one forward pass per output), the preference from the two score
+    distributions (see ``evals/annotators/humpback_local_rubric``)."""
+    from pipeline.prompts import render
+
+    start = time.perf_counter()
+    split = [split_rubric_prompt(p) for p in prompts]
+    chats, where = [], []
+    for k, parts in enumerate(split):
+        if parts is None:
+            continue
+        instruction, first, second = parts
+        for output in (first, second):
+            chats.append([{"role": "user", "content": render(RUBRIC_TEMPLATE, instruction=instruction, response=output)}])
+        where.append(k)
+    scores = judge.get_engine().choice_probs(chats, "Score:", [f" {s}" for s in "12345"]) if chats else []
+    out: list[dict[str, Any]] = [{"text": None, "logprobs": None, "unjudged": "delimiters repeated"}] * len(prompts)
+    for n, k in enumerate(where):
+        first, second = scores[2 * n], scores[2 * n + 1]
+        p = p_first_better(first, second)
+        completion = _logprob_completion(choices, [p, 1.0 - p])
+        completion["score_probs"] = [[float(x) for x in first], [float(x) for x in second]]
+        out[k] = completion
+    return _completions_result(out, time.perf_counter() - start)
+
+
 COMPLETION_FNS: dict[str, Callable[..., dict[str, list]]] = {
     "humpback_engine_choice_completions": engine_choice_completions,
+    "humpback_engine_rubric_completions": engine_rubric_completions,
     "humpback_longest_completions": longest_completions,
 }
-ENGINE_FNS = frozenset({"humpback_engine_choice_completions"})
+ENGINE_FNS = frozenset({"humpback_engine_choice_completions", "humpback_engine_rubric_completions"})
 
 
 class HarnessSinglePairwiseAnnotator(SinglePairwiseAnnotator):
