@@ -2,8 +2,10 @@
 
 The paper's Table 2 reports instruction and response lengths (mean and standard deviation, in
 characters); we add lexical diversity (distinct-n), a near-duplicate rate among instructions,
-contamination against evaluation prompts, and the curator's precision and recall on a labelled
-set of good and bad pairs (the paper's Table 7).
+contamination against evaluation prompts, and the curator's precision and recall on 40 pairs
+written and labelled for this project: a smoke test of the curator only, not comparable with the
+paper's Table 7 (GPT-4 labels on real candidates). The curator's measurement against outside
+labels is :mod:`evals.calibration.curator_eval`.
 """
 
 from __future__ import annotations

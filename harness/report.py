@@ -48,6 +48,13 @@ def _md_table(table: Table) -> list[str]:
     return [line(header), "| " + " | ".join("---" for _ in header) + " |"] + [line(r) for r in rows]
 
 
+def _calibration_table(view: RunView) -> Table:
+    """The judge and the trivial judges on each group of labelled pairs (judge_check/calibration.json)."""
+    from evals.calibration.tables import JUDGE_HEADER, judge_rows
+
+    return JUDGE_HEADER, judge_rows(view.judge_calibration, mark="")
+
+
 def render_markdown(view: RunView, plots: list[Path]) -> str:
     lines = [f"# Humpback run report: {view.name}", ""]
     lines += [f"- {k}: `{v}`" for k, v in _header_lines(view)]
@@ -56,6 +63,9 @@ def render_markdown(view: RunView, plots: list[Path]) -> str:
     lines += _md_table(metrics) if metrics[1] else ["No evaluation results yet."]
     for note in metric_notes(view, metrics):
         lines += ["", note]
+    if view.judge_calibration:
+        lines += ["", "## Judge calibration (outside labels, 95% intervals)", "",
+                  view.judge_calibration["verdict"], ""] + _md_table(_calibration_table(view))
     lines += ["", "## Curation, selected data and training", ""] + _md_table(data_table(view))
     failures = gate_failures(view)
     lines += ["", "## Gates", ""] + ([f"- {f}" for f in failures] or ["No gate failed."])
@@ -89,6 +99,9 @@ def render_html(view: RunView, plots: list[Path]) -> str:
     parts.append("</ul><h2>Evaluation (value ± stderr)</h2>")
     parts.append(_html_table(metrics) if metrics[1] else "<p>No evaluation results yet.</p>")
     parts += [f"<p>{html.escape(note)}</p>" for note in metric_notes(view, metrics)]
+    if view.judge_calibration:
+        parts.append("<h2>Judge calibration (outside labels, 95% intervals)</h2>"
+                     f"<p>{html.escape(view.judge_calibration['verdict'])}</p>" + _html_table(_calibration_table(view)))
     parts.append("<h2>Curation, selected data and training</h2>" + _html_table(data_table(view)))
     failures = gate_failures(view)
     parts.append("<h2>Gates</h2><ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in failures) + "</ul>"

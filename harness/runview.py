@@ -37,6 +37,7 @@ ITERATION = re.compile(r"^iter_(\d+)$")
 CONFIG = "config.yaml"
 ENV = "env.json"
 EVAL_SUMMARY = "eval/summary.json"
+JUDGE_CALIBRATION = "judge_check/calibration.json"
 SEED_DATA = "seed/data.jsonl"
 CHECKPOINT = "finetune/model"
 
@@ -310,6 +311,9 @@ class RunView:
     """``base`` first (always, maybe empty), then each ``iter_NN`` folder by t."""
     problems: tuple[RunDirError, ...] = ()
     """Files that were present but unreadable, left out (only when not ``strict``)."""
+    judge_calibration: dict[str, Any] | None = None
+    """``judge_check/calibration.json``: the judge and the trivial judges on outside labels
+    (:func:`evals.calibration.judge_eval.evaluate_judge`); None when absent."""
 
     @property
     def run_name(self) -> str | None:
@@ -411,8 +415,23 @@ def read_run(run_dir: str | Path, *, strict: bool = False) -> RunView:
     iterations = sorted((p.name for p in root.iterdir() if p.is_dir() and ITERATION.match(p.name)),
                         key=lambda n: int(ITERATION.match(n).group(1)))
     models = {name: _model(reader, root, name, stages) for name in [BASE, *iterations]}
+    calibration = reader.read(_calibration, root / JUDGE_CALIBRATION)
     return RunView(root, _load(root / CONFIG, "YAML") or {}, reader.read(_load, root / ENV) or {},
-                   stages, models, tuple(reader.problems))
+                   stages, models, tuple(reader.problems), calibration)
+
+
+def _calibration(path: Path) -> dict[str, Any] | None:
+    raw = _load(path)
+    if raw is None:
+        return None
+    for key in ("subject", "verdict"):
+        if not isinstance(raw.get(key), str):
+            raise RunDirError(path, f"{key} is missing or not text")
+    groups = _mapping(path, raw.get("groups"), "groups")
+    for name, row in groups.items():
+        if not isinstance(row, dict) or not isinstance(row.get("judges"), dict) or not isinstance(row.get("vs"), dict):
+            raise RunDirError(path, f"groups.{name} lacks judges/vs")
+    return raw
 
 
 def as_view(run: str | Path | RunView) -> RunView:

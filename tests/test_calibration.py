@@ -212,3 +212,18 @@ def test_rubric_preference_from_two_score_distributions():
     assert p_first_better([0.2] * 5, [0.2] * 5) == pytest.approx(0.5)
     # unnormalized masses are normalized; a distribution with no mass is no information
     assert p_first_better([0, 0, 0, 2, 2], [0, 1, 1, 0, 0]) == 1.0 and p_first_better([0] * 5, [1] * 5) == 0.5
+
+
+def test_calibrated_k_comes_from_the_curate_stage_or_fails_clearly(tmp_path):
+    from harness.config import ConfigError, load_config
+    from harness.rundir import StageResult
+    from harness.stages import calibrated_k
+    from pipeline.data import DataError
+
+    stage = StageResult("iter_01/curate", tmp_path, {"stats": {"calibration": {"suggested_k": 2.25}}})
+    assert calibrated_k(stage) == 2.25
+    with pytest.raises(DataError, match="curate.calibration_pairs"):
+        calibrated_k(StageResult("iter_01/curate", tmp_path, {"stats": {}}))
+    with pytest.raises(ConfigError, match="curate.calibration_pairs"):
+        load_config(None, ["select.k=calibrated"])
+    assert load_config(None, ["select.k=calibrated", "curate.calibration_pairs=4"]).select.k == "calibrated"

@@ -260,6 +260,15 @@ def test_report_and_tracking_written(finished_run):
     _, run, _ = finished_run
     assert (run.root / "report.md").exists() and (run.root / "report.html").exists()
     assert (run.root.parent / "mlflow.db").exists()
+    assert "## Judge calibration (outside labels" in (run.root / "report.md").read_text()
+    import mlflow
+
+    uri = f"sqlite:///{run.root.parent / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    children = {r.data.tags.get("mlflow.runName"): r for e in client.search_experiments()
+                for r in client.search_runs([e.experiment_id])}
+    m1 = children["iter_01"].data.metrics
+    assert "curation/calibration_human_accuracy" in m1 and "judge/human_accuracy" in m1 and "judge/minus_longer" in m1
 
 
 def test_failing_data_gate_stops_with_exit_status(finished_run, tiny_model, tmp_path, capsys):

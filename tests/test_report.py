@@ -183,3 +183,34 @@ def test_a_manifest_with_stats_only_is_no_stage_row(tmp_path):
     stages = md[md.index("## Stages"):md.index("## Plots")]
     assert "iter_01/curate" not in stages and "iter_01/finetune" in stages
     assert "| keep rate | – | – | 0.500 | – |" in md
+
+
+def test_report_shows_judge_and_curator_calibration(tmp_path):
+    from evals.alpaca import Judge
+    from evals.calibration import judge_eval, pairs
+
+    run = make_run(tmp_path)
+    sample = pairs.load_pairs("packaged", ["llmbar_natural", "llmbar_mtbench"], n=6)
+    result = judge_eval.evaluate_judge(Judge("humpback_longest_fake"), sample, cache_dir=None)
+    result.pop("timing")
+    write_file(run / "judge_check" / "calibration.json", result)
+    summary = _eval(0.5, trusted=False)
+    summary["judge_check"] = {"human_accuracy": 0.6, "human_accuracy_low": 0.4, "human_accuracy_high": 0.8,
+                              "minus_longer": 0.0, "minus_longer_low": -0.1, "minus_longer_high": 0.1,
+                              "trusted": False, "verdict": result["verdict"]}
+    write_file(run / "iter_02" / "eval" / "summary.json", summary)
+    manifest = run / "iter_02" / "curate" / "manifest.json"
+    stats = json.loads(manifest.read_text())
+    stats["stats"]["calibration"] = {"human_accuracy": 0.625, "human_accuracy_low": 0.475, "human_accuracy_high": 0.775,
+                                     "suggested_k": 2.09}
+    manifest.write_text(json.dumps(stats))
+    report.write_report(run)
+    md = (run / "report.md").read_text(encoding="utf-8")
+    assert "## Judge calibration (outside labels, 95% intervals)" in md and result["verdict"] in md
+    assert "| human labels, all | humpback_longest_fake | 12 |" in md and "| human labels, all | longer | 12 |" in md
+    assert "| judge/human_accuracy | – | – | – | 0.600 [0.400, 0.800] |" in md
+    assert "| curator accuracy, human labels | – | – | – | 0.625 [0.475, 0.775] |" in md
+    assert "| k suggested by labels | – | – | – | 2.090 |" in md
+    assert f"judge calibration: {result['verdict']}" in md
+    html = (run / "report.html").read_text(encoding="utf-8")
+    assert "Judge calibration (outside labels" in html

@@ -29,20 +29,29 @@ def _diff(d: dict[str, Any] | None) -> str:
     return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
 
 
-def judge_table(result: dict[str, Any]) -> str:
+JUDGE_HEADER = ["pairs", "judge", "n", "accuracy", "one order", "consistency", "position bias", "length bias",
+                "judge minus this"]
+
+
+def judge_rows(result: dict[str, Any], mark: str = "**") -> list[list[str]]:
     """One row per group and judge: accuracy, single-order accuracy, order consistency,
     position and length bias (95% intervals), and the judge's paired difference from each
-    trivial judge."""
+    trivial judge (the judge under test marked with ``mark``)."""
     subject = result["subject"]
-    lines = ["| pairs | judge | n | accuracy | one order | consistency | position bias | length bias | judge minus this |",
-             "|---|---|---:|---|---|---|---|---|---|"]
+    rows = []
     for group, row in result["groups"].items():
         for name, m in row["judges"].items():
-            label = f"**{name}**" if name == subject else name
-            lines.append(f"| {GROUP_TITLES.get(group, group)} | {label} | {m['n_pairs']} | {_ci(m['accuracy'])} | "
-                         f"{_ci(m['single_order_accuracy'])} | {_ci(m['order_consistency'])} | "
-                         f"{_ci(m['position_bias'], True)} | {_ci(m['length_bias'], True)} | "
-                         f"{_diff(row['vs'].get(name))} |")
+            label = f"{mark}{name}{mark}" if name == subject else name
+            rows.append([GROUP_TITLES.get(group, group), label, str(m["n_pairs"]), _ci(m["accuracy"]),
+                         _ci(m["single_order_accuracy"]), _ci(m["order_consistency"]),
+                         _ci(m["position_bias"], True), _ci(m["length_bias"], True), _diff(row["vs"].get(name))])
+    return rows
+
+
+def judge_table(result: dict[str, Any]) -> str:
+    """:func:`judge_rows` as a Markdown table."""
+    lines = ["| " + " | ".join(JUDGE_HEADER) + " |", "|---|---|---:|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in judge_rows(result)]
     return "\n".join(lines)
 
 
