@@ -75,6 +75,10 @@ class EvalSection(Section):
     judge_calibration_pairs: int | None = Field(50, ge=2)
     """Pairs per source in the judge calibration (a seeded subset; None: all 100 + 200 + 4,000).
     Each is judged in both orders; judgments are cached per judge identity across runs."""
+    judge_orders: Literal["both", "random"] = "both"
+    """AlpacaEval pairs judged in ``both`` orders (reference first, then second; the two
+    preferences averaged, so a judge's position bias cancels; twice the judgments) or in one
+    ``random`` order (alpaca_eval's default)."""
     judge_trust: Literal["calibration", "assumed"] = "calibration"
     """Who decides whether the judge's win rates are trusted: ``calibration`` (the verdict on
     outside labels, see ``judge_trust_margin``) or ``assumed`` (you vouch for the judge; the

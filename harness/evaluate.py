@@ -45,7 +45,7 @@ def eval_settings(cfg: RunConfig) -> dict[str, Any]:
     ev = cfg.eval.model_dump()
     keep = ("data_dir", "seed", "batch_size", "max_new_tokens", "alpaca_subset", "alpaca_reference", "judge",
             "heldout_tasks", "heldout_limit", "heldout_batch_size", "alpaca_lc_data_dir", "alpaca_lc_download",
-            "alpaca_lc_glm", "dtype")
+            "alpaca_lc_glm", "dtype", "judge_orders")
     out = {**{k: ev[k] for k in keep}, "judge_model": judge_model_spec(cfg), "system": stages.system_prompt(cfg)}
     if ev["heldout_tasks"] or ev["heldout_hub_tasks"]:
         # The engine's answers to lm-eval's requests carry a version of their own.
@@ -168,7 +168,7 @@ def _alpaca_metrics(cfg, prefix, model_path, out_dir: Path, cache: Path, check: 
                              dtype=ev.dtype)
     result = alpaca.score_alpaca_eval(outputs, instructions, out_dir, judge=judge, cache_dir=cache,
                                       lc_data_dir=ev.alpaca_lc_data_dir, lc_download=ev.alpaca_lc_download,
-                                      lc_glm=ev.alpaca_lc_glm)
+                                      lc_glm=ev.alpaca_lc_glm, both_orders=ev.judge_orders == "both")
     reference = instructions.provenance()
     provenance = {"eval_config": settings_digest(settings), "judge": judge.identity(),
                   "reference": reference["reference"]}

@@ -52,8 +52,33 @@ def test_fake_judge_win_rate_matches_hand_computation(tmp_path):
     assert result["standard_error"] == pytest.approx(100 * sem, abs=1e-4)
     assert (result["n"], result["n_wins"], result["n_wins_base"], result["n_draws"]) == (6, 4, 1, 1)
     assert result["n_missing"] == 0
-    # The identical pair is a draw that alpaca_eval sets without asking the judge.
-    assert result["judged_now"] == 6 and result["reused_from_cache"] == 0
+    # Both orders of each pair (the identical pair's draw alpaca_eval sets without asking).
+    assert result["judged_now"] == 12 and result["reused_from_cache"] == 0 and result["orders"] == "both"
+
+
+def test_both_orders_cancel_a_judge_that_always_picks_the_first(tmp_path, monkeypatch):
+    """A judge certain of whichever output it sees first: averaged over both orders every pair
+    is a draw (win rate 50); judged once in alpaca_eval's random order it is a coin flip per pair."""
+    import shutil
+
+    from evals.alpaca import judge as judge_module
+
+    def always_first(prompts, *, choices=("m", "M"), **_):
+        return judge_module._completions_result(
+            [judge_module._logprob_completion(choices, [1.0, 0.0]) for _ in prompts], 0.0)
+
+    config = tmp_path / "configs" / alpaca.FAKE_JUDGE  # its template path is relative to the parent folder
+    shutil.copytree(alpaca.ANNOTATORS_DIR / alpaca.FAKE_JUDGE, config)
+    monkeypatch.setitem(judge_module.COMPLETION_FNS, "humpback_longest_completions", always_first)
+    model, reference = planted_pairs()
+    both = alpaca.score_alpaca_eval(model, reference, tmp_path / "both", annotators_config=str(config))
+    assert both["win_rate"] == pytest.approx(50.0) and both["n_draws"] == 6
+    annotations = json.loads((tmp_path / "both" / "annotations.json").read_text())
+    judged = [a for a in annotations if a["output_1"] != a["output_2"]]
+    assert {a["preference_reference_first"] for a in judged} == {1.0}
+    assert {a["preference_reference_second"] for a in judged} == {2.0}
+    one = alpaca.score_alpaca_eval(model, reference, tmp_path / "one", annotators_config=str(config), both_orders=False)
+    assert one["orders"] == "random" and one["n_draws"] == 1  # only the identical pair
 
 
 def test_score_result_shape_and_files(tmp_path):
@@ -93,16 +118,16 @@ def test_rerun_judges_nothing_again(tmp_path, judged):
     model, reference = planted_pairs()
     first = alpaca.score_alpaca_eval(model, reference, tmp_path, annotators_config=alpaca.FAKE_JUDGE)
     calls = judged["humpback_longest_completions"]
-    assert calls == 5  # six pairs; the identical one is a draw that alpaca_eval never sends to the judge
+    assert calls == 10  # six pairs in both orders; the identical one is a draw alpaca_eval never sends
     second = alpaca.score_alpaca_eval(model, reference, tmp_path, annotators_config=alpaca.FAKE_JUDGE)
     assert judged["humpback_longest_completions"] == calls
-    assert second["judged_now"] == 0 and second["reused_from_cache"] == 6
+    assert second["judged_now"] == 0 and second["reused_from_cache"] == 12
     assert second["win_rate"] == first["win_rate"]
-    # One changed answer: only that pair is judged.
+    # One changed answer: only that pair is judged, in its two orders.
     model[0] = {**model[0], "output": "a different answer"}
     third = alpaca.score_alpaca_eval(model, reference, tmp_path, annotators_config=alpaca.FAKE_JUDGE)
-    assert judged["humpback_longest_completions"] == calls + 1
-    assert third["judged_now"] == 1
+    assert judged["humpback_longest_completions"] == calls + 2
+    assert third["judged_now"] == 2
 
 
 def test_mismatched_outputs_are_refused(tmp_path):
@@ -278,7 +303,7 @@ def test_local_logprob_judge_end_to_end(tiny_model, tmp_path, judged):
     model, reference = planted_pairs()
     model, reference = model[:3], reference[:3]
     result = alpaca.score_alpaca_eval(model, reference, tmp_path, judge=judge)
-    assert judged["humpback_engine_choice_completions"] == 3
+    assert judged["humpback_engine_choice_completions"] == 6  # 3 pairs, both orders
     assert result["n"] == 3 and result["n_missing"] == 0 and 0 <= result["win_rate"] <= 100
     assert result["provenance"]["judge_model_digest"] and result["provenance"]["judge_dtype"] == "float32"
     annotations = json.loads((tmp_path / "annotations.json").read_text())

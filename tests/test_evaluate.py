@@ -136,4 +136,4 @@ def test_api_judge_scores_without_any_local_judge_model(tiny_model, eval_data, t
     calibration = json.loads((tmp_path / "eval" / "judge_check" / "calibration.json").read_text())
     assert calibration["pairs"] == {"llmbar_natural": 2, "llmbar_mtbench": 2, "alpaca_eval_gpt4": 2}
     assert calibration["groups"]["human"]["judges"][API_JUDGE]["n_pairs"] == 4
-    assert len(fake_openai) == 3 + 6 + 12
+    assert len(fake_openai) == 2 * 3 + 6 + 12  # the 3 evaluation pairs in both orders

@@ -51,6 +51,7 @@ def score_alpaca_eval(
     cache_dir: str | Path | None = None,
     lc_download: bool = False,
     lc_glm: str = "auto",
+    both_orders: bool = True,
 ) -> dict[str, Any]:
     """Judge the model's outputs against the reference's with alpaca_eval and score them.
 
@@ -72,6 +73,10 @@ def score_alpaca_eval(
         lc_glm: which length-controlled GLM (see :func:`length_controlled_metrics`).
         cache_dir: where the judge cache lives, if not in ``out_dir`` (a run keeps one cache for
             all its evaluations, so re-evaluating a model re-judges nothing already judged).
+        both_orders: judge every pair twice, the reference shown first and then second, and
+            average the two preferences (a judge that favours a position favours both answers
+            equally often, so its bias cancels); False: alpaca_eval's single judgment in a
+            random order.
 
     Returns:
         ``win_rate`` and ``standard_error`` (percent), ``discrete_win_rate``, counts, ``n``,
@@ -88,12 +93,19 @@ def score_alpaca_eval(
     reference_df = _records(reference_records, "reference")
     model_df = _records(model_records, "model")
 
-    annotator = judge.annotator(cache_path(Path(cache_dir) if cache_dir else out_dir, judge, "score"))
+    annotator = judge.annotator(cache_path(Path(cache_dir) if cache_dir else out_dir, judge, "score"),
+                                **({"is_randomize_output_order": False} if both_orders else {}))
     cached = cached_keys(annotator)
     pairs = pd.merge(reference_df, model_df, on="instruction", suffixes=("_1", "_2"))
-    reused = sum((i, o1, o2) in cached for i, o1, o2 in zip(pairs["instruction"], pairs["output_1"], pairs["output_2"]))
+    keys = list(zip(pairs["instruction"], pairs["output_1"], pairs["output_2"]))
+    if both_orders:
+        keys += [(i, o2, o1) for i, o1, o2 in keys]
+    reused = sum(key in cached for key in keys)
     start = time.perf_counter()
     annotations = pd.DataFrame(annotator.annotate_head2head(outputs_1=reference_df, outputs_2=model_df, chunksize=chunksize))
+    if both_orders:
+        swapped = pd.DataFrame(annotator.annotate_head2head(outputs_1=model_df, outputs_2=reference_df, chunksize=chunksize))
+        annotations = _average_orders(annotations, swapped)
     seconds = time.perf_counter() - start
 
     result: dict[str, Any] = win_rate_metrics(annotations)
@@ -104,7 +116,8 @@ def score_alpaca_eval(
     result.update(length_controlled_metrics(annotations, indices, lc_data_dir, lc_download, lc_glm))
     result.update(
         avg_length=int(model_df["output"].str.len().mean()) if len(model_df) else 0,
-        judged_now=len(pairs) - reused,
+        judged_now=len(keys) - reused,
+        orders="both" if both_orders else "random",
         reused_from_cache=reused,
         seconds=round(seconds, 3),
     )
@@ -120,6 +133,18 @@ def score_alpaca_eval(
     annotations.to_json(out_dir / "annotations.json", orient="records", indent=2)
     write_json_atomic(out_dir / "alpaca_eval.json", result)
     return result
+
+
+def _average_orders(stored: pd.DataFrame, swapped: pd.DataFrame) -> pd.DataFrame:
+    """``stored`` (reference as output_1) with each preference replaced by the mean of its own and
+    the swapped judgment's, turned to the same orientation (1: reference better, 2: model
+    better); missing when either judgment is missing. Both raw preferences are kept."""
+    other = swapped.set_index("instruction")["preference"].astype(float)
+    out = stored.copy()
+    out["preference_reference_first"] = out["preference"].astype(float)
+    out["preference_reference_second"] = 3.0 - out["instruction"].map(other)
+    out["preference"] = (out["preference_reference_first"] + out["preference_reference_second"]) / 2
+    return out
 
 
 def _read_outputs(outputs: Sequence[dict[str, Any]] | str | Path) -> list[dict[str, Any]]:
