@@ -17,9 +17,9 @@ def add_parsers(sub) -> None:
         "judge-eval", help="measure an AlpacaEval judge against human and GPT-4 labels, beside trivial judges",
         description="Judge labelled answer pairs (LLMBar Natural and MT-Bench: human labels; AlpacaEval: GPT-4's "
                     "judgments) in both orders and print accuracy, order consistency, position and length bias with "
-                    "95%% bootstrap intervals, beside always-longer, always-first and chance on the same pairs, and "
+                    "95% bootstrap intervals, beside always-longer, always-first and chance on the same pairs, and "
                     "the trust verdict the loop would use. Judgments are cached per judge identity under "
-                    "$HUMPBACK_CACHE/judge_eval, so a second run costs nothing.")
+                    "~/.cache/humpback/judge_eval (or $HUMPBACK_CACHE), so a second run costs nothing.")
     p.add_argument("--judge", help="annotator config (default: eval.judge), e.g. humpback_local_logprob, "
                                    "humpback_longest_fake, or one alpaca_eval ships")
     p.add_argument("--model", help="judge model for local configs (default: eval.judge_model or model.base): a "
@@ -29,7 +29,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser(
         "curator-eval", help="measure a curator (rubric rating) against human and GPT-4 labels",
         description="Rate each answer of labelled pairs on the curation rubric (curate.mode, curate.template) and "
-                    "print pairwise accuracy with 95%% intervals beside always-longer and chance, the rank "
+                    "print pairwise accuracy with 95% intervals beside always-longer and chance, the rank "
                     "correlation with GPT-4 across five AlpacaEval models, and the threshold k the labels suggest.")
     p.add_argument("--model", help="curator model (default: model.base): directory, hub id, .gguf, pkg:... or chunked:NAME")
     _shared(p)

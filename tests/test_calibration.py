@@ -227,3 +227,31 @@ def test_calibrated_k_comes_from_the_curate_stage_or_fails_clearly(tmp_path):
     with pytest.raises(ConfigError, match="curate.calibration_pairs"):
         load_config(None, ["select.k=calibrated"])
     assert load_config(None, ["select.k=calibrated", "curate.calibration_pairs=4"]).select.k == "calibrated"
+
+
+def test_judge_eval_command_prints_the_table_and_writes_json(tmp_path, capsys):
+    from harness.cli import main
+
+    out = tmp_path / "judge.json"
+    code = main(["judge-eval", "--judge", "humpback_longest_fake", "--pairs", "4",
+                 "--sources", "llmbar_natural,alpaca_eval_gpt4", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| LLMBar Natural (human) | **humpback_longest_fake** | 4 |" in printed
+    assert "untrusted: does not beat always-longer" in printed and "judged now: 16" in printed
+    saved = json.loads(out.read_text())
+    assert saved["pairs"] == {"llmbar_natural": 4, "alpaca_eval_gpt4": 4} and saved["trusted"] is False
+    assert main(["judge-eval", "--judge", "humpback_longest_fake", "--sources", "nope"]) == 3
+
+
+def test_curator_eval_command_on_the_tiny_model(tiny_model, tmp_path, capsys):
+    from harness.cli import main
+
+    out = tmp_path / "curator.json"
+    code = main(["curator-eval", "--model", str(tiny_model), "--pairs", "2", "--out", str(out),
+                 "curate.mode=logprob", "engine.bf16=off", "curate.batch_size=4"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| human labels, all | **curator (logprob)** | 4 |" in printed and "threshold suggested" in printed
+    saved = json.loads(out.read_text())
+    assert saved["answers_rated"] >= 8 and saved["mode"] == "logprob" and saved["seconds_per_rating"] > 0
