@@ -145,11 +145,12 @@ class CurateSection(Section):
     """How many of the 40 project-written labelled pairs (half good, half bad) the curator also
     rates at every curation, as a smoke test of the curator (None: all 40; an even number takes
     the first half as many of each label)."""
-    calibration_pairs: int | None = Field(None, ge=2)
+    calibration_pairs: int | None = Field(20, ge=2)
     """Labelled pairs per source (LLMBar Natural, MT-Bench, GPT-4's AlpacaEval judgments) whose two
     answers the curator also rates at every curation, for its pairwise accuracy against outside
     labels, its rank correlation with GPT-4 across five models, and a threshold suggested by the
-    labels (``curate/calibration.json``). None: no calibration. Costs 2 ratings per pair."""
+    labels (``curate/calibration.json``). About two ratings per pair (answers shared between
+    pairs are rated once). None: no calibration."""
     min_choice_mass: float = Field(0.0, ge=0, le=1)
     """logprob mode: a pair whose five score tokens get less probability than this in total is
     unscored rather than given a meaningless expected score."""
