@@ -32,11 +32,20 @@ def _header_lines(view: RunView) -> list[tuple[str, str]]:
         ("base model", (cfg.get("model") or {}).get("base")),
         ("curation", (cfg.get("curate") or {}).get("mode")),
         ("select.k", (cfg.get("select") or {}).get("k")),
+        ("AlpacaEval judge", _judge_line(cfg)),
         ("iterations", (cfg.get("iterate") or {}).get("iterations")),
         ("git commit", view.git_commit),
         ("peak memory", peak_memory(view.stages_in_order())),
     ]
     return [(k, str(v)) for k, v in items if v is not None]
+
+
+def _judge_line(cfg: dict[str, Any]) -> str | None:
+    ev = cfg.get("eval") or {}
+    if not ev.get("judge"):
+        return None
+    model = ev.get("judge_model") or (cfg.get("model") or {}).get("base")
+    return f"{ev['judge']} ({model})" if model else ev["judge"]
 
 
 def _md_table(table: Table) -> list[str]:
