@@ -57,9 +57,12 @@ class EvalSection(Section):
     from the hub dataset tatsu-lab/alpaca_eval), if they are not in the local hub cache."""
     alpaca_lc_download: bool = False
     """Let alpaca_eval download those files from the Hugging Face hub (needs internet)."""
-    judge: str = "humpback_local_logprob"
-    """An annotator config: ours in ``evals/annotators/`` or any alpaca_eval ships (the GPT-4
-    ones need OPENAI_API_KEY)."""
+    judge: str = "humpback_local_rubric"
+    """An annotator config: ours in ``evals/annotators/`` (``humpback_local_rubric``: the judge
+    model rates each answer alone on the curation rubric, no position bias by construction;
+    ``humpback_local_logprob``: it names the better of the two), or any alpaca_eval ships (the
+    GPT-4 ones need OPENAI_API_KEY). On outside labels the rubric judge did better with the same
+    model (docs/calibration.md)."""
     judge_model: str | None = None
     """Model behind a local judge (default: ``model.base``); the same for every iteration."""
     judge_check_pairs: int = Field(8, ge=1)

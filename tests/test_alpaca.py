@@ -316,6 +316,27 @@ def test_local_logprob_judge_end_to_end(tiny_model, tmp_path, judged):
     assert 0 < check["mean_choice_mass"] <= 1.0 + 1e-6
 
 
+def test_rubric_judge_end_to_end_is_symmetric(tiny_model, tmp_path, judged):
+    """The pointwise judge rates each answer alone: its two orders are mirror images, so the
+    averaged preference equals either order's, and the judge has no position bias at all."""
+    judge = alpaca.Judge("humpback_local_rubric", model=str(tiny_model))
+    assert judge.needs_engine()
+    model, reference = planted_pairs()
+    model, reference = model[:3], reference[:3]
+    assert judge.is_symmetric() and not alpaca.Judge(alpaca.LOCAL_JUDGE).is_symmetric()
+    result = alpaca.score_alpaca_eval(model, reference, tmp_path / "a", judge=judge)
+    assert judged["humpback_engine_rubric_completions"] == 3 and result["orders"] == "one (symmetric judge)"
+    annotations = json.loads((tmp_path / "a" / "annotations.json").read_text())
+    for a in annotations:
+        assert a["output_1"] in {r["output"] for r in reference}  # reference first, never shuffled
+        scores = a["preference_raw_completion"]["score_probs"]
+        assert len(scores) == 2 and all(len(s) == 5 for s in scores)
+    # the mirror order, asked for directly, gives the mirror preference
+    swapped = alpaca.score_alpaca_eval(reference, [dict(r, generator="x") for r in model], tmp_path / "b",
+                                       judge=judge)
+    assert swapped["win_rate"] == pytest.approx(100 - result["win_rate"], abs=1e-3)
+
+
 def test_judge_dtype_loads_the_model_and_keys_its_cache(tiny_model):
     import torch
 

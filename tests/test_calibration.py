@@ -225,7 +225,7 @@ def test_calibrated_k_comes_from_the_curate_stage_or_fails_clearly(tmp_path):
     with pytest.raises(DataError, match="curate.calibration_pairs"):
         calibrated_k(StageResult("iter_01/curate", tmp_path, {"stats": {}}))
     with pytest.raises(ConfigError, match="curate.calibration_pairs"):
-        load_config(None, ["select.k=calibrated"])
+        load_config(None, ["select.k=calibrated", "curate.calibration_pairs=null"])
     assert load_config(None, ["select.k=calibrated", "curate.calibration_pairs=4"]).select.k == "calibrated"
 
 

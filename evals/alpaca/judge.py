@@ -191,6 +191,9 @@ COMPLETION_FNS: dict[str, Callable[..., dict[str, list]]] = {
     "humpback_longest_completions": longest_completions,
 }
 ENGINE_FNS = frozenset({"humpback_engine_choice_completions", "humpback_engine_rubric_completions"})
+SYMMETRIC_FNS = frozenset({"humpback_engine_rubric_completions"})
+"""Completion functions whose preference for (a, b) is exactly one minus that for (b, a): judging
+both orders would only repeat the work."""
 
 
 class HarnessSinglePairwiseAnnotator(SinglePairwiseAnnotator):
@@ -282,6 +285,10 @@ class Judge:
 
     def needs_engine(self) -> bool:
         return any(c.get("fn_completions") in ENGINE_FNS for c in self.configs().values())
+
+    def is_symmetric(self) -> bool:
+        """Whether the order in which the outputs are shown cannot change its preference."""
+        return all(c.get("fn_completions") in SYMMETRIC_FNS for c in self.configs().values())
 
     def resolved_model(self) -> str:
         if self._resolved is None:

@@ -76,7 +76,8 @@ def score_alpaca_eval(
         both_orders: judge every pair twice, the reference shown first and then second, and
             average the two preferences (a judge that favours a position favours both answers
             equally often, so its bias cancels); False: alpaca_eval's single judgment in a
-            random order.
+            random order. A symmetric judge (``Judge.is_symmetric``: the pointwise rubric
+            judge) is always asked once, reference first: its other order is the mirror image.
 
     Returns:
         ``win_rate`` and ``standard_error`` (percent), ``discrete_win_rate``, counts, ``n``,
@@ -93,8 +94,11 @@ def score_alpaca_eval(
     reference_df = _records(reference_records, "reference")
     model_df = _records(model_records, "model")
 
+    symmetric = judge.is_symmetric()
+    if symmetric:  # its second order would mirror the first exactly: judge once, reference first
+        both_orders = False
     annotator = judge.annotator(cache_path(Path(cache_dir) if cache_dir else out_dir, judge, "score"),
-                                **({"is_randomize_output_order": False} if both_orders else {}))
+                                **({"is_randomize_output_order": False} if both_orders or symmetric else {}))
     cached = cached_keys(annotator)
     pairs = pd.merge(reference_df, model_df, on="instruction", suffixes=("_1", "_2"))
     keys = list(zip(pairs["instruction"], pairs["output_1"], pairs["output_2"]))
@@ -117,7 +121,7 @@ def score_alpaca_eval(
     result.update(
         avg_length=int(model_df["output"].str.len().mean()) if len(model_df) else 0,
         judged_now=len(keys) - reused,
-        orders="both" if both_orders else "random",
+        orders="both" if both_orders else ("one (symmetric judge)" if symmetric else "random"),
         reused_from_cache=reused,
         seconds=round(seconds, 3),
     )
