@@ -25,7 +25,7 @@ import numpy as np
 from scipy import stats
 
 from evals.calibration.intervals import paired_difference, statistic_interval, with_interval
-from evals.calibration.pairs import GPT4_MODELS, LabelledPair, load_alpaca_gpt4
+from evals.calibration.pairs import GPT4_MODELS, LabelledPair, group_pairs, load_alpaca_gpt4
 
 Rater = Callable[[list[dict[str, str]]], list[float | None]]
 """Rates ``[{"instruction", "response"}, ...]``; None where a rating did not parse."""
@@ -54,16 +54,6 @@ def _pairwise(pairs: Sequence[LabelledPair], ratings: dict[tuple[str, str], floa
         good, bad = ratings.get((p.instruction, p.better)), ratings.get((p.instruction, p.worse))
         out.append(None if good is None or bad is None else (0.5 if good == bad else float(good > bad)))
     return out
-
-
-def _groups(pairs: Sequence[LabelledPair]) -> dict[str, list[LabelledPair]]:
-    groups: dict[str, list[LabelledPair]] = {}
-    for p in pairs:
-        groups.setdefault(p.source, []).append(p)
-    human = [p for p in pairs if p.labeller == "human"]
-    if human and len({p.source for p in human}) > 1:
-        groups["human"] = human
-    return groups
 
 
 def suggested_threshold(pairs: Sequence[LabelledPair], ratings: dict[tuple[str, str], float | None]
@@ -140,7 +130,7 @@ def evaluate_curator(rate: Rater, pairs: Sequence[LabelledPair], *, subject: str
         raise ValueError(f"the rater returned {len(scores)} ratings for {len(items)} answers")
     ratings = {subject: dict(zip(items, scores)), **{n: trivial_ratings(n, items, seed) for n in TRIVIAL_RATERS}}
     groups = {}
-    for group, members in _groups(pairs).items():
+    for group, members in group_pairs(pairs).items():
         mine = _pairwise(members, ratings[subject])
         kept = [i for i, v in enumerate(mine) if v is not None]
         row: dict[str, Any] = {"raters": {}, "vs": {}}

@@ -30,7 +30,7 @@ import pandas as pd
 
 from evals.alpaca.judge import Judge, cache_path, cached_keys
 from evals.calibration.judge_metrics import pair_outcomes, summarize, versus
-from evals.calibration.pairs import HUMAN_SOURCES, LabelledPair
+from evals.calibration.pairs import HUMAN_SOURCES, LabelledPair, group_pairs
 
 TRIVIAL_JUDGES = ("longer", "first", "chance")
 ORDERS = ("stored", "swapped")
@@ -88,16 +88,6 @@ def model_judgments(judge: Judge, pairs: Sequence[LabelledPair], cache_dir: Path
     return out, timing
 
 
-def _groups(pairs: Sequence[LabelledPair]) -> dict[str, list[LabelledPair]]:
-    groups: dict[str, list[LabelledPair]] = {}
-    for pair in pairs:
-        groups.setdefault(pair.source, []).append(pair)
-    human = [p for p in pairs if p.labeller == "human"]
-    if human and len({p.source for p in human}) > 1:
-        groups["human"] = human
-    return groups
-
-
 def _outcomes(pairs: Sequence[LabelledPair], judgments: dict[str, dict[str, float]]):
     done = [p for p in pairs if len(judgments.get(p.pair_id, {})) == 2]
     return done, [pair_outcomes(p, judgments[p.pair_id]["stored"], judgments[p.pair_id]["swapped"]) for p in done]
@@ -111,7 +101,7 @@ def calibration_table(pairs: Sequence[LabelledPair], judgments: dict[str, dict[s
     numbers in a group are over the same pairs.
     """
     table: dict[str, Any] = {}
-    for group, members in _groups(pairs).items():
+    for group, members in group_pairs(pairs).items():
         done, subject_outcomes = _outcomes(members, judgments[subject])
         row = {"judges": {}, "vs": {}}
         for name, judged in judgments.items():

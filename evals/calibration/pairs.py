@@ -125,6 +125,18 @@ def load_pairs(data_dir: str | Path, sources: Sequence[str] = SOURCES, n: int | 
     return out
 
 
+def group_pairs(pairs: Sequence[LabelledPair]) -> dict[str, list[LabelledPair]]:
+    """Pairs by source, plus ``human`` (every human-labelled pair) when more than one human
+    source is present: the groups every calibration table reports."""
+    groups: dict[str, list[LabelledPair]] = {}
+    for pair in pairs:
+        groups.setdefault(pair.source, []).append(pair)
+    human = [p for p in pairs if p.labeller == "human"]
+    if human and len({p.source for p in human}) > 1:
+        groups["human"] = human
+    return groups
+
+
 def _sample_by_prompt(pairs: list[LabelledPair], n: int | None, seed: int) -> list[LabelledPair]:
     if n is None or n >= len(pairs):
         return pairs
