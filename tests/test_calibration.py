@@ -255,3 +255,13 @@ def test_curator_eval_command_on_the_tiny_model(tiny_model, tmp_path, capsys):
     assert "| human labels, all | **curator (logprob)** | 4 |" in printed and "threshold suggested" in printed
     saved = json.loads(out.read_text())
     assert saved["answers_rated"] >= 8 and saved["mode"] == "logprob" and saved["seconds_per_rating"] > 0
+
+
+def test_a_symmetric_judge_is_asked_once_per_pair(sample, monkeypatch, tmp_path):
+    judge = Judge("humpback_longest_fake")
+    monkeypatch.setattr(Judge, "is_symmetric", lambda self: True)
+    result = judge_eval.evaluate_judge(judge, sample[:10], cache_dir=tmp_path)
+    assert result["timing"]["judged_now"] == 10 and result["timing"]["orders_asked"] == 1
+    # the mirrored order makes it exactly as consistent as a judge asked twice would be
+    row = result["groups"]["llmbar_natural"]["judges"]["humpback_longest_fake"]
+    assert row["order_consistency"]["value"] == 1.0 and row["position_bias"]["value"] == 0.0

@@ -61,10 +61,15 @@ def trivial_judgments(name: str, pairs: Sequence[LabelledPair], seed: int = 0) -
 
 def model_judgments(judge: Judge, pairs: Sequence[LabelledPair], cache_dir: Path | None
                     ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
-    """``{pair_id: {order: p_first}}`` from the judge (unparsed judgments left out), and timing."""
+    """``{pair_id: {order: p_first}}`` from the judge (unparsed judgments left out), and timing.
+
+    A symmetric judge (:meth:`Judge.is_symmetric`: the order cannot change its preference) is
+    asked in the stored order only; its swapped judgment is the mirror image, ``1 - p_first``."""
+    symmetric = judge.is_symmetric()
+    orders = ORDERS[:1] if symmetric else ORDERS
     rows = []
     for pair in pairs:
-        for order in ORDERS:
+        for order in orders:
             first, second = _shown(pair, order)
             rows.append({"pair_id": pair.pair_id, "order": order, "instruction": pair.instruction,
                          "output_1": first, "output_2": second})
@@ -82,7 +87,9 @@ def model_judgments(judge: Judge, pairs: Sequence[LabelledPair], cache_dir: Path
         if pref is None or (isinstance(pref, float) and math.isnan(pref)):
             continue
         out.setdefault(r["pair_id"], {})[r["order"]] = 2.0 - float(pref)  # alpaca_eval: 1 = output_1
-    timing = {"judged_now": judged_now, "seconds": round(seconds, 2),
+        if symmetric:
+            out[r["pair_id"]]["swapped"] = 1.0 - out[r["pair_id"]]["stored"]
+    timing = {"judged_now": judged_now, "seconds": round(seconds, 2), "orders_asked": len(orders),
               "seconds_per_judgment": round(seconds / judged_now, 4) if judged_now else None,
               "cache": str(caching_path) if caching_path else None}
     return out, timing
