@@ -31,10 +31,15 @@ def calibration_pairs(cfg: RunConfig, n: int | None, sources: list[str] | None =
     return load_pairs(cfg.eval.data_dir, sources or list(cfg.eval.calibration_sources), n, cfg.eval.seed)
 
 
-def calibrate_judge(judge, cfg: RunConfig, n: int | None = None, sources: list[str] | None = None) -> dict[str, Any]:
-    """The judge against the labelled pairs (``eval.judge_calibration_pairs`` per source unless
-    ``n`` is given), with the trivial judges and the trust verdict."""
-    pairs = calibration_pairs(cfg, n if n is not None else cfg.eval.judge_calibration_pairs, sources)
+CONFIGURED = -1
+"""``n`` for :func:`calibrate_judge`: as many pairs as the config says (None means all)."""
+
+
+def calibrate_judge(judge, cfg: RunConfig, n: int | None = CONFIGURED, sources: list[str] | None = None
+                    ) -> dict[str, Any]:
+    """The judge against ``n`` labelled pairs per source (None: all; by default
+    ``eval.judge_calibration_pairs``), with the trivial judges and the trust verdict."""
+    pairs = calibration_pairs(cfg, cfg.eval.judge_calibration_pairs if n == CONFIGURED else n, sources)
     result = evaluate_judge(judge, pairs, cache_dir=judge_cache_dir(), margin=cfg.eval.judge_trust_margin,
                             seed=cfg.eval.seed)
     log.info("judge calibration: %s", result["verdict"])

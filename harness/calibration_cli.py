@@ -59,7 +59,7 @@ def judge_eval(cfg: RunConfig, args) -> int:
     from evals import alpaca
     from evals.calibration.tables import judge_table
     from harness import stages
-    from harness.calibration import calibrate_judge
+    from harness.calibration import CONFIGURED, calibrate_judge
     from pipeline.models import resolve_base
 
     name = args.judge or cfg.eval.judge
@@ -68,8 +68,8 @@ def judge_eval(cfg: RunConfig, args) -> int:
     model = resolve_base(spec) if probe.needs_engine() else None
     judge = alpaca.Judge(name, model, batch_size=cfg.eval.batch_size, device=stages.engine_device(cfg),
                          dtype=cfg.eval.dtype)
-    n = None if args.pairs == 0 else args.pairs
-    result = calibrate_judge(judge, cfg, n=n if args.pairs is not None else None, sources=_sources(args))
+    n = CONFIGURED if args.pairs is None else (None if args.pairs == 0 else args.pairs)
+    result = calibrate_judge(judge, cfg, n=n, sources=_sources(args))
     result["judge_model_spec"] = spec if model else None
     print(judge_table(result))
     timing = result["timing"]

@@ -242,6 +242,13 @@ def test_judge_eval_command_prints_the_table_and_writes_json(tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert saved["pairs"] == {"llmbar_natural": 4, "alpaca_eval_gpt4": 4} and saved["trusted"] is False
     assert main(["judge-eval", "--judge", "humpback_longest_fake", "--sources", "nope"]) == 3
+    # 0 means every pair of the named sources; no --pairs means eval.judge_calibration_pairs
+    assert main(["judge-eval", "--judge", "humpback_longest_fake", "--pairs", "0", "--sources", "llmbar_natural",
+                 "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["pairs"] == {"llmbar_natural": 100}
+    assert main(["judge-eval", "--judge", "humpback_longest_fake", "--sources", "llmbar_natural", "--out", str(out),
+                 "eval.judge_calibration_pairs=7"]) == 0
+    assert json.loads(out.read_text())["pairs"] == {"llmbar_natural": 7}
 
 
 def test_curator_eval_command_on_the_tiny_model(tiny_model, tmp_path, capsys):
