@@ -243,7 +243,9 @@ def augment_corpus(run: RunDir, cfg: RunConfig, segments: StageResult, backward:
             if r["rejected"]:
                 reasons[r["rejected"]] = reasons.get(r["rejected"], 0) + 1
         if not kept:
-            raise RuntimeError(f"augmentation produced no usable instruction for {len(out)} segments: {reasons}")
+            raise data.DataError(f"augmentation produced no usable instruction for {len(out)} segments: {reasons} "
+                                 f"('unfinished': the backward model did not end its instruction within "
+                                 f"augment.max_new_tokens)")
         return {"segments": len(out), "generated": len(kept), "rejected": dict(sorted(reasons.items())),
                 "new_tokens": engine.stats["new_tokens"]}
 

@@ -155,7 +155,7 @@ class TransformersEngine:
             raise ValueError("every prompt needs at least one token")
         out: list[list[int] | None] = [None] * len(ids)
         generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
-        stopped = self._stop_check(params.stop)
+        stopped = self._stop_check(self._stops(params))
         eos = set(self._eos_ids())
         for batch in self._batches(ids, params.max_new_tokens):
             input_ids, mask, shared = self._layout([ids[i] for i in batch])
@@ -175,6 +175,11 @@ class TransformersEngine:
         self.stats["prompt_tokens"] += int(mask.sum())
         if shared:
             self.stats["prefix_tokens_reused"] += shared * (mask.shape[0] - 1)
+
+    def _stops(self, params: SamplingParams) -> tuple[str, ...]:
+        """The caller's stop strings, plus the chat template's end of turn when that is plain
+        text to this tokenizer (:func:`turn_end_stops`)."""
+        return tuple(params.stop) + tuple(s for s in turn_end_stops(self.tokenizer) if s not in params.stop)
 
     def _eos_ids(self) -> list[int]:
         ids = set(_as_list(self.model.generation_config.eos_token_id)) | {self.tokenizer.eos_token_id}
@@ -203,7 +208,7 @@ class TransformersEngine:
                 cut, finished = j, True
                 break
         text = self.tokenizer.decode(tokens[:cut], skip_special_tokens=True)
-        for stop in params.stop:
+        for stop in self._stops(params):
             pos = text.find(stop)
             if pos >= 0:
                 text, finished = text[:pos], True
@@ -237,6 +242,18 @@ class TransformersEngine:
             for row, i in enumerate(batch):
                 out[i] = [float(probs[row, t]) for t in heads[i]]
         return out
+
+
+def turn_end_stops(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
+    """``("<|im_end|>",)`` when the chat template ends turns with ChatML's marker but this
+    tokenizer has no such token (a base model given the ChatML fallback template learns to write
+    the marker as text, and would otherwise never stop); ``()`` when the marker is a token of its
+    own (then it is the EOS, or the model's own business) or the template does not use it."""
+    marker = "<|im_end|>"
+    if marker not in (tokenizer.chat_template or ""):
+        return ()
+    ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+    return () if len(ids) == 1 else (marker,)
 
 
 def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:

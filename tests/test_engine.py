@@ -128,3 +128,34 @@ def test_generate_tokens_takes_rendered_token_ids(engine):
     assert counted == sum(len(row) - (row[-1] in eos) for row in tokens)
     with pytest.raises(ValueError, match="at least one token"):
         engine.generate_tokens([ids[0], []], params)
+
+
+class _SplitsMarkerTokenizer:
+    """A tokenizer whose ChatML template's end-of-turn marker is plain text (several tokens)."""
+
+    def __init__(self, template: str, pieces: int):
+        self.chat_template = template
+        self.pieces = pieces
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(range(self.pieces))}
+
+
+def test_turn_end_is_a_stop_string_only_where_it_is_plain_text(engine, monkeypatch):
+    from pipeline import engine as engine_module
+    from pipeline.models import CHATML_TEMPLATE
+
+    assert engine_module.turn_end_stops(_SplitsMarkerTokenizer(CHATML_TEMPLATE, 5)) == ("<|im_end|>",)
+    assert engine_module.turn_end_stops(_SplitsMarkerTokenizer(CHATML_TEMPLATE, 1)) == ()
+    assert engine_module.turn_end_stops(_SplitsMarkerTokenizer("{{ messages }}", 5)) == ()
+    assert engine_module.turn_end_stops(engine.tokenizer) == ()  # the tiny model's marker is its EOS token
+    # where it is plain text, generation stops at it like at any stop string, and the text is cut there
+    # (here a marker that is plain text to the tiny tokenizer stands in for Gemma's "<|im_end|>")
+    monkeypatch.setattr(engine_module, "turn_end_stops", lambda tok: ("<END>",))
+    assert engine._stops(SamplingParams(stop=("x",))) == ("x", "<END>")
+    tokens = engine.tokenizer("hello<END>more", add_special_tokens=False)["input_ids"]
+    done = engine._completion(tokens, SamplingParams())
+    assert done.finished and done.text == "hello"
+    check = engine._stop_check(engine._stops(SamplingParams()))  # applied as each token arrives
+    assert check(engine.tokenizer("hello<END>", add_special_tokens=False)["input_ids"])
+    assert not check(engine.tokenizer("hello<EN", add_special_tokens=False)["input_ids"])
