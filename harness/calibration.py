@@ -13,7 +13,7 @@ from typing import Any
 
 from evals.calibration.curator_eval import evaluate_curator, item_rows
 from evals.calibration.judge_eval import evaluate_judge
-from evals.calibration.pairs import LabelledPair, load_pairs
+from evals.calibration.pairs import HUMAN_SOURCES, LabelledPair, load_pairs
 from harness.config import RunConfig
 from pipeline import curate
 from pipeline.engine import Engine
@@ -46,11 +46,16 @@ def calibrate_judge(judge, cfg: RunConfig, n: int | None = CONFIGURED, sources: 
     return result
 
 
+def _human_group(groups: dict[str, Any]) -> dict[str, Any] | None:
+    """The pooled human-labelled group, or the one human source present."""
+    return groups.get("human") or next((groups[g] for g in HUMAN_SOURCES if g in groups), None)
+
+
 def headline(result: dict[str, Any]) -> dict[str, Any]:
     """The few numbers of a judge calibration that travel with every evaluation: accuracy on the
     human labels, its difference from always-longer, agreement with GPT-4 (each with its interval)."""
     groups = result["groups"]
-    human = groups.get("human") or next((groups[g] for g in ("llmbar_natural", "llmbar_mtbench") if g in groups), None)
+    human = _human_group(groups)
     out: dict[str, Any] = {"trusted": result["trusted"], "verdict": result["verdict"]}
     if human is not None:
         acc = human["judges"][result["subject"]]["accuracy"]
@@ -97,7 +102,7 @@ def curator_headline(result: dict[str, Any]) -> dict[str, Any]:
     """Pairwise accuracy on human labels and with GPT-4, the rank correlation and the suggested k."""
     out: dict[str, Any] = {}
     groups = result["groups"]
-    human = groups.get("human") or next((groups[g] for g in ("llmbar_natural", "llmbar_mtbench") if g in groups), None)
+    human = _human_group(groups)
     for key, row in (("human", human), ("gpt4", groups.get("alpaca_eval_gpt4"))):
         if row is None:
             continue

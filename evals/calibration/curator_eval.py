@@ -19,6 +19,7 @@ outside labels rather than from the distribution of the curator's own scores.
 from __future__ import annotations
 
 import random
+import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -96,14 +97,11 @@ def rank_correlation(pairs: Sequence[LabelledPair], ratings: dict[tuple[str, str
             return float("nan")
         return float(stats.spearmanr(means, target).statistic)
 
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            value = spearman(np.arange(len(prompts)))
-            interval = statistic_interval(len(prompts), spearman, seed)
-            means = np.nanmean(table, axis=0)
+    with warnings.catch_warnings():  # resamples missing a model give all-NaN columns; spearman() skips them
+        warnings.simplefilter("ignore", RuntimeWarning)
+        value = spearman(np.arange(len(prompts)))
+        interval = statistic_interval(len(prompts), spearman, seed)
+        means = np.nanmean(table, axis=0)
     return {"spearman": {"value": None if np.isnan(value) else round(value, 4),
                          "low": interval[0] if interval else None, "high": interval[1] if interval else None},
             "models": {m: (round(float(target[i]), 4), None if np.isnan(means[i]) else round(float(means[i]), 4))
@@ -135,7 +133,8 @@ def evaluate_curator(rate: Rater, pairs: Sequence[LabelledPair], *, subject: str
         kept = [i for i, v in enumerate(mine) if v is not None]
         row: dict[str, Any] = {"raters": {}, "vs": {}}
         for name, rated in ratings.items():
-            values = [_pairwise(members, rated)[i] for i in kept]
+            outcomes = _pairwise(members, rated)
+            values = [outcomes[i] for i in kept]
             row["raters"][name] = {"n_pairs": len(values), "accuracy": with_interval(values, seed),
                                    "unscored": len(members) - len(kept)}
             if name != subject:
