@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from harness.config import ConfigError, dump_config, load_config, valid_keys
 
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     except RunDirBusy as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BUSY
+    run.share_from = [Path(p) for p in cfg.run.share_stages_from]  # stages other runs hold under the same key
     try:
         summary = iterate(cfg, run, stop_after=stop)
     except (DataError, ModelError, RunDirError) as exc:

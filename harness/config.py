@@ -43,6 +43,23 @@ class RunSection(Section):
     root: str = "runs"
     seed: int = 0
     """Global seed: sampling, data shuffles and training all derive their seeds from it."""
+    share_stages_from: list[str] = Field(default_factory=list)
+    """Other run directories this run may take finished stages from instead of computing them
+    (the ablation configs share everything up to where they differ). A stage is taken only when
+    one of them holds it committed under exactly the cache key this run computes for it (same
+    stage version, settings and input digests), and its files still match their digests; it is
+    copied in (hard links where the file system allows). Anything else is computed. Relative paths
+    are taken from the current directory; directories that do not exist are passed over."""
+    tags: dict[str, str] = Field(default_factory=dict)
+    """Labels of this run, e.g. ``{ablation: uncurated}``: tags of its MLflow parent run, and
+    shown by ``humpback compare``."""
+
+    @model_validator(mode="after")
+    def _tags_are_ours(self) -> "RunSection":
+        reserved = [k for k in self.tags if k.startswith(("mlflow.", "humpback."))]
+        if reserved:
+            raise ValueError(f"run.tags {reserved}: names starting with 'mlflow.' or 'humpback.' are reserved")
+        return self
 
 
 class GateRuleSection(Section):
@@ -174,20 +191,49 @@ def _unknown_key_message(key: str, where: str) -> str:
     return f"{where}: unknown key {key!r}. Valid keys: {', '.join(near)}"
 
 
+EXTENDS = "extends"
+"""A config file's top-level key naming the file it starts from (relative to itself)."""
+
+
+def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file's mapping, merged onto the file it ``extends`` (recursively)."""
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}" + (f" (extended by {seen[-1]})" if seen else "")) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    parent = tree.pop(EXTENDS, None)
+    if parent is None:
+        return tree
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: '{EXTENDS}' must be the path of another config file, relative to this one")
+    base = (path.parent / parent).resolve()
+    if base in seen or base == path.resolve():
+        raise ConfigError(f"{path}: '{EXTENDS}: {parent}' extends itself through {', '.join(map(str, seen))}")
+    return merge_trees(_read_tree(base, (*seen, path.resolve())), tree)
+
+
+def merge_trees(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``: sections merge key by key; any other value (a list too) replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge_trees(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read a YAML config (or defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    """Read a YAML config (or defaults when ``path`` is None) and apply ``key=value`` overrides.
+
+    A file may start from another: ``extends: ../demo.yaml`` (relative to the file) takes that
+    file's settings and puts its own on top, section by section (a list replaces the list)."""
     tree: dict = {}
     source = "defaults"
     if path is not None:
         source = str(path)
-        try:
-            tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except FileNotFoundError as exc:
-            raise ConfigError(f"config file not found: {path}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        tree = _read_tree(Path(path))
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(tree, key, value)

@@ -6,6 +6,11 @@ when ``<name>/.done`` exists and the manifest's cache key (stage version, settin
 digests) equals the key asked for, so a killed process can never leave something that is later
 taken as finished. A partial folder whose key matches is handed back to the stage, which may
 reuse the chunks it already committed there.
+
+Runs can share stages (``run.share_stages_from``): before computing a stage, the run directories
+named there are searched for the same stage committed under exactly the same cache key; the first
+found is copied in (hard links where the file system allows), checked against its output digest,
+and then taken like a cached stage. A stage whose key differs anywhere is never taken.
 """
 
 from __future__ import annotations
@@ -97,10 +102,12 @@ StageFn = Callable[[StageContext], dict[str, Any]]
 class RunDir:
     """One run's directory; ``stage`` runs or skips a stage by its cache key."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, share_from: list[str | Path] | tuple[str | Path, ...] = ()):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.results: dict[str, StageResult] = {}
+        self.share_from: list[Path] = [Path(p) for p in share_from]
+        """Other run directories whose committed stages this run takes when the cache key matches."""
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -170,6 +177,9 @@ class RunDir:
         if (work / DONE).exists() and _read(work / KEY) == key:
             log.info("stage %s: finished before a crash, committing", name)
             return self._commit(name, work, final)
+        shared = self._take_shared(name, key, final, work)
+        if shared is not None:
+            return shared
 
         if work.exists() and _read(work / KEY) != key:
             shutil.rmtree(work)
@@ -222,6 +232,56 @@ class RunDir:
         (work / DONE).write_text(key)
         return self._commit(name, work, final)
 
+    def _take_shared(self, name: str, key: str, final: Path, work: Path) -> StageResult | None:
+        """The stage committed under ``key`` in one of :attr:`share_from`, copied in and committed
+        here; None when none holds it.
+
+        The copy's files are checked against the source manifest's output digest before it is
+        committed, so a source that changed (or was being rewritten) while it was copied is passed
+        over. The manifest here says where the stage came from (``reused_from``, with the source's
+        own timings and memory) and what taking it cost; hard-linked files are never written in
+        place (every writer of a stage folder replaces files by renaming), so the source is safe."""
+        own = self.root.resolve()
+        for source in self.share_from:
+            src = source / name
+            if not source.is_dir() or source.resolve() == own or not (src / DONE).exists():
+                continue
+            try:
+                manifest = json.loads((src / MANIFEST).read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                continue
+            if manifest.get("cache_key") != key:
+                log.info("stage %s: %s holds it under another key (%s), not taken", name, source,
+                         manifest.get("cache_key"))
+                continue
+            started = time.time()
+            copy = final.with_name(final.name + ".shared")
+            shutil.rmtree(copy, ignore_errors=True)
+            try:
+                shutil.copytree(src, copy, copy_function=_link_or_copy)
+                intact = (_read(copy / DONE) == key
+                          and output_digest(output_digests(copy)) == manifest.get("output_digest"))
+            except OSError as exc:
+                log.warning("stage %s: copying it from %s failed (%s); computing it instead", name, source, exc)
+                intact = False
+            if not intact:
+                log.warning("stage %s: %s changed while it was copied; not taken", name, source)
+                shutil.rmtree(copy, ignore_errors=True)
+                continue
+            timing = ("started", "seconds", "peak_rss_mib", "peak_rss_scope", "rss_start_mib", "rss_end_mib",
+                      "gpu_peak_mib")
+            seconds = round(time.time() - started, 3)
+            manifest = {**manifest, **{k: None for k in timing},
+                        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)), "seconds": seconds,
+                        "reused_from": {"run_dir": str(source), **{k: manifest.get(k) for k in timing}}}
+            write_json_atomic(copy / MANIFEST, manifest)  # a new file: the source keeps its own
+            shutil.rmtree(work, ignore_errors=True)
+            log.info("stage %s: reused from %s (key %s, %.1f s)", name, source, key, seconds)
+            result = self._commit(name, copy, final)
+            self.results[name] = StageResult(result.name, result.path, result.manifest, skipped=True)
+            return self.results[name]
+        return None
+
     def _commit(self, name: str, work: Path, final: Path) -> StageResult:
         if final.exists():
             shutil.rmtree(final)
@@ -253,6 +313,15 @@ class RunDir:
         except Exception:  # noqa: BLE001 - env capture must never fail a run
             pass
         write_json_atomic(self.root / "env.json", env)
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    """A hard link where the file system allows one, else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
 
 
 def _read(path: Path) -> str | None:

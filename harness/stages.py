@@ -309,10 +309,12 @@ def select_candidates(run: RunDir, cfg: RunConfig, iteration: int, candidates: S
         if select.k == "calibrated":
             select = select.model_copy(update={"k": calibrated_k(ctx.inputs["scores"])})
         kept, stats = curate.select_pairs(pairs, scored, select)
-        stats["k_source"] = "calibrated" if cfg.select.k == "calibrated" else "config"
-        labelled = read_jsonl(ctx.inputs["scores"].path / "labelled_scores.jsonl")
-        stats["curator"] = quality.curator_precision_recall(
-            [r["label"] for r in labelled], [r["score"] for r in labelled], select.k)
+        stats["k_source"] = {"calibrated": "calibrated", "all": "none (select.k: all, uncurated)"}.get(
+            str(cfg.select.k), "config")
+        if select.k != "all":  # without a threshold there is no precision or recall at k
+            labelled = read_jsonl(ctx.inputs["scores"].path / "labelled_scores.jsonl")
+            stats["curator"] = quality.curator_precision_recall(
+                [r["label"] for r in labelled], [r["score"] for r in labelled], select.k)
         kept, dropped, contamination = drop_contaminated(kept, cfg)
         write_jsonl(ctx.work / "data.jsonl", kept)
         write_jsonl(ctx.work / "contaminated.jsonl", dropped)

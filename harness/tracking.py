@@ -6,7 +6,7 @@ Run as: ``log_run(Path("runs/demo"), tracking_uri=None, experiment=None, registe
 What lands where (the names are :mod:`harness.mlflow_records`'):
 
 * one experiment per config (``humpback/<run.name>`` unless named), one **parent run** per run
-  directory. The parent is found again by two tags, the run directory's absolute path and the
+  directory, tagged with the config's ``run.tags``. The parent is found again by two tags, the run directory's absolute path and the
   config digest, so logging is idempotent: a later call updates the same parent.
 * one **child run** per evaluated model: ``base`` (the untuned model), ``iter_00`` (M0),
   ``iter_01``, ... Base is a child of its own so that MLflow's compare view has one row per model;
@@ -278,6 +278,8 @@ def log_run(
         _log_datasets(client, parent_id, _run_datasets(view, root))
         _log_files(client, parent_id, records.run_files(root))
         client.set_tag(parent_id, "humpback.iterations", ",".join(ids))
+        for key, value in ((view.config.get("run") or {}).get("tags") or {}).items():
+            client.set_tag(parent_id, str(key), str(value))  # run.tags, e.g. ablation=uncurated
         client.set_terminated(parent_id)
     champion = None
     if register_model_name:

@@ -61,13 +61,19 @@ def score_histogram(scores: Sequence[float | None]) -> dict[str, int]:
 def select_pairs(
     candidates: Sequence[dict[str, Any]], scores: Sequence[dict[str, Any]], cfg: SelectSection
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Pairs scoring at least ``k`` (best first if ``max_pairs`` caps them), and counts."""
+    """Pairs scoring at least ``k`` (best first if ``max_pairs`` caps them), and counts.
+
+    ``k == "all"`` keeps every candidate, unscored ones included (no curation); each kept pair
+    still carries its score (None when unscored)."""
     by_id = {s["segment_id"]: s["score"] for s in scores}
     missing = [c["segment_id"] for c in candidates if c["segment_id"] not in by_id]
     if missing:
         raise ValueError(f"{len(missing)} candidates have no score, e.g. {missing[:3]}")
-    kept = [dict(c, score=by_id[c["segment_id"]]) for c in candidates
-            if by_id[c["segment_id"]] is not None and by_id[c["segment_id"]] >= cfg.k]
+    if cfg.k == "all":
+        kept = [dict(c, score=by_id[c["segment_id"]]) for c in candidates]
+    else:
+        kept = [dict(c, score=by_id[c["segment_id"]]) for c in candidates
+                if by_id[c["segment_id"]] is not None and by_id[c["segment_id"]] >= cfg.k]
     capped = 0
     if cfg.max_pairs is not None and len(kept) > cfg.max_pairs:
         order = sorted(range(len(kept)), key=lambda i: (-kept[i]["score"], i))[: cfg.max_pairs]
@@ -77,7 +83,7 @@ def select_pairs(
     stats = {
         "candidates": len(candidates),
         "selected": len(kept),
-        "below_k": len(candidates) - unscored - len(kept) - capped,
+        "below_k": 0 if cfg.k == "all" else len(candidates) - unscored - len(kept) - capped,
         "unscored": unscored,
         "capped": capped,
         "k": cfg.k,

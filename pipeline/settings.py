@@ -157,13 +157,24 @@ class CurateSection(Section):
 
 
 class SelectSection(Section):
-    k: float | Literal["calibrated"] = 4.0
+    k: float | Literal["calibrated", "all"] = 4.0
     """Keep pairs whose score is at least k (the paper's A_4 and A_5 sets; 4.5 is meaningful in
     logprob mode). ``calibrated``: the threshold that best separated the better from the worse
     answers of human-labelled pairs when this curator rated them in the same curation stage
     (needs ``curate.calibration_pairs``), so k comes from outside labels rather than from the
-    curator's own score distribution."""
+    curator's own score distribution. ``all``: no curation, every augmented pair is kept whatever
+    its rating (unscored ones too; the paper's uncurated ablation). The ratings are still made
+    and reported, and pairs that overlap an evaluation prompt are still dropped."""
     max_pairs: int | None = None
+    """At most this many of the kept pairs, the best rated first (None: no cap)."""
+
+    @model_validator(mode="after")
+    def _all_means_uncapped(self) -> "SelectSection":
+        if self.k == "all" and self.max_pairs is not None:
+            raise ValueError("select.k is 'all' (keep every augmented pair, uncurated), but select.max_pairs "
+                             f"({self.max_pairs}) would keep only the best-rated ones, which is curation: "
+                             "set select.max_pairs to null, or give a numeric select.k")
+        return self
 
 
 class FinetuneSection(TrainSection):

@@ -5,7 +5,7 @@ import pytest
 
 from harness.config import ConfigError, RunConfig, load_config, valid_keys
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").rglob("*.yaml"))  # ablations/ too
 
 
 def test_defaults_validate():
@@ -15,7 +15,7 @@ def test_defaults_validate():
     assert cfg.iterate.iterations == 2
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.parent.name + "/" + p.name for p in CONFIGS])
 def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
