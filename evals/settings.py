@@ -13,7 +13,25 @@ from pipeline.settings import Section
 
 
 class EvalSection(Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _full_profile_uses_every_item(cls, data):
+        # ``full`` wins over the subset sizes a config file sets for ``quick``, so that one
+        # override (eval.profile=full) turns any config into a full evaluation.
+        if isinstance(data, dict) and data.get("profile") == "full":
+            data = {**data, "alpaca_subset": None, "heldout_limit": None}
+        return data
+
     enabled: bool = True
+    profile: Literal["quick", "full"] = "quick"
+    """``quick``: the subsets ``alpaca_subset`` and ``heldout_limit`` say (seeded, the same for
+    every model); ``full``: every item (805 AlpacaEval prompts, 541 IFEval, 817 TruthfulQA, 1,319
+    GSM8K), whatever those two say. ``humpback eval-size`` tells, from a finished run, what n a
+    target detectable effect needs and what it would cost."""
+    head_to_head: bool = True
+    """Judge each M_t directly against M_{t-1} and M0 on the AlpacaEval prompts (stage
+    ``iter_NN/head_to_head``, reusing the answers already generated): the win-rate gate's signal
+    (``gate.win_rate_signal``) and a row of the report."""
     data_dir: str | None = "packaged"
     """Where the evaluation data is read: ``packaged`` (default) is the data shipped inside the
     package (``evals/data``: AlpacaEval references, IFEval, TruthfulQA v1, GSM8K, LLMBar; see its

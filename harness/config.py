@@ -63,23 +63,43 @@ class RunSection(Section):
 
 
 class GateRuleSection(Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _z_was_removed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "z" in data:
+            raise ValueError("'z' is no longer a gate setting: each gated metric is now compared item by item with a "
+                             "confidence interval at gate.level (see README, Gates); remove z")
+        return data
+
     metric: str
     abs_tol: float = Field(0.0, ge=0)
-    """A drop no larger than this never counts as a regression (in the metric's own units)."""
-    z: float = Field(2.0, ge=0)
-    """...nor a drop within z standard errors of the difference."""
+    """The tolerance, in the metric's own units: a regression is a change whose whole interval
+    lies beyond this drop (for the head-to-head win rate: this many points below 50)."""
 
 
 class GateSection(Section):
     enabled: bool = True
-    baseline: Literal["best", "previous", "m0"] = "best"
-    """What each iteration is compared with: the best earlier iteration (per metric), the one
-    before, or M0."""
+    baseline: Literal["best", "previous", "m0"] = "previous"
+    """What each iteration is compared with: the one before, M0, or the best earlier iteration
+    per metric (the largest of noisy numbers: biased towards false alarms as iterations pile up)."""
     metrics: list[GateRuleSection] = Field(default_factory=lambda: [
-        GateRuleSection(metric="alpaca_eval/win_rate", abs_tol=5.0, z=2.0),
-        GateRuleSection(metric="ifeval/prompt_level_loose_acc", abs_tol=0.05, z=2.0),
-        GateRuleSection(metric="truthfulqa_mc2/acc", abs_tol=0.05, z=2.0),
+        GateRuleSection(metric="alpaca_eval/win_rate", abs_tol=5.0),
+        GateRuleSection(metric="ifeval/prompt_level_loose_acc", abs_tol=0.05),
+        GateRuleSection(metric="truthfulqa_mc2/acc", abs_tol=0.05),
     ])
+    level: float = Field(0.95, gt=0, lt=1)
+    """Confidence that all the gated metrics' intervals hold together (see ``correction``)."""
+    correction: Literal["bonferroni", "none"] = "bonferroni"
+    """``bonferroni``: with m gated metrics each interval is at 1 - (1 - level) / m."""
+    power: float = Field(0.8, gt=0, lt=1)
+    """For the minimum detectable effect each decision reports."""
+    on_inconclusive: Literal["continue", "stop"] = "continue"
+    """What an interval that straddles the tolerance does: the loop goes on (and the log and the
+    report say so), or stops as for a regression."""
+    win_rate_signal: Literal["head_to_head", "reference"] = "head_to_head"
+    """What the win-rate gate compares: this model judged directly against its baseline on the
+    same prompts (``head_to_head``; the stage ``iter_NN/head_to_head``), or the two models' win
+    rates against the reference, prompt by prompt."""
     min_selected: int = Field(1, ge=0)
     """Data gate: fewer curated pairs than this and the iteration does not fine-tune."""
     max_unscored_rate: float = Field(0.5, ge=0, le=1)

@@ -1,18 +1,31 @@
 """Regression gates: may the loop go on after this iteration?
 
-A metric regresses when it moves in its worse direction by more than both an absolute tolerance
-and ``z`` standard errors of the difference (so noise from small evaluation subsets does not stop
-the loop, and a tiny but certain drop does not either). Numbers with different provenance (task
-version, sample count, evaluator config) are never compared: the gate refuses, and fails.
+Every model is scored on the same items (AlpacaEval prompts, held-out documents), so a gated
+metric is compared item by item with its baseline: the mean per-item difference, with a
+confidence interval (:mod:`evals.paired`), decides one of three outcomes, in the metric's better
+direction and its own units:
+
+- ``pass``: the whole interval lies above ``-abs_tol`` (no drop larger than the tolerance);
+- ``regression``: the whole interval lies below ``-abs_tol``;
+- ``inconclusive``: it straddles ``-abs_tol``; ``gate.on_inconclusive`` says whether the loop goes
+  on (the default, said loudly) or stops.
+
+The AlpacaEval win rate is gated on the head-to-head judgment of this model against its
+baseline (both answered the same prompts; 50 = no difference), where that was judged. The
+intervals of several gated metrics are widened together (Bonferroni) so that all hold at
+``gate.level``. Each decision also says what it could have seen: the smallest detectable
+difference (MDE, at ``gate.power``) at the evaluated n, and whether the gate is blind (MDE above
+its tolerance) with the n it would need. Numbers with different provenance (task version, sample
+count, evaluator config) are never compared: the gate refuses, and fails.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from evals.paired import Paired, corrected_level, unpaired
 from pipeline.io import write_json_atomic
 
 if TYPE_CHECKING:  # the view is read into this module's types, so it is not imported at run time
@@ -21,6 +34,9 @@ if TYPE_CHECKING:  # the view is read into this module's types, so it is not imp
 
 GATE = "gate.json"
 """Each iteration's gate, in ``iter_NN/``."""
+
+PASS, REGRESSION, INCONCLUSIVE, REFUSED, MISSING, NO_BASELINE = (
+    "pass", "regression", "inconclusive", "refused", "missing", "no baseline")
 
 
 @dataclass(frozen=True)
@@ -44,7 +60,19 @@ class Metric:
 class Rule:
     metric: str
     abs_tol: float = 0.0
-    z: float = 2.0
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """How a metric moved between the baseline and this model: a paired difference and what it
+    was computed from."""
+
+    paired: Paired
+    signal: str
+    """``paired items``, ``head-to-head vs iter_NN`` or ``unpaired (...)``: what was compared."""
+    current: float
+    baseline: float
+    """The two numbers shown beside the difference (head-to-head: the win rate and 50)."""
 
 
 @dataclass(frozen=True)
@@ -55,36 +83,94 @@ class Decision:
     current: float | None = None
     baseline: float | None = None
     threshold: float | None = None
+    outcome: str | None = None
+    """Evaluation checks: pass, regression, inconclusive, refused, missing, no baseline (None for
+    the data checks, which are limits)."""
+    signal: str | None = None
+    estimate: float | None = None
+    """Mean per-item change, current minus baseline, in the metric's units (head-to-head: the
+    win rate minus 50)."""
+    low: float | None = None
+    high: float | None = None
+    level: float | None = None
+    """Confidence level of this interval (after the correction for several gated metrics)."""
+    method: str | None = None
+    n: int | None = None
+    mde: float | None = None
+    """The smallest change found with ``gate.power`` at this n and level."""
+    blind: bool | None = None
+    """True when the MDE exceeds the tolerance (or cannot be computed): a regression of the
+    tolerance's size would most likely pass unseen."""
+    items_needed: int | None = None
+    """For a blind gate, the n at which its MDE would fall to the tolerance."""
+    baseline_iteration: int | None = None
 
     def message(self) -> str:
         return f"{self.check}: {self.reason}"
 
 
-def compare(current: Metric | None, baseline: Metric | None, rule: Rule) -> Decision:
-    """One gated metric against its baseline."""
+def compare(current: Metric | None, baseline: Metric | None, rule: Rule, *, evidence: Evidence | None = None,
+            level: float = 0.95, power: float = 0.8, on_inconclusive: str = "continue") -> Decision:
+    """One gated metric against its baseline: refused unless both are trusted and comparable;
+    then decided on ``evidence`` (a paired difference) or, without it, on the two summary
+    numbers' standard errors as if independent."""
     if current is None:
-        return Decision(rule.metric, False, "metric missing from this iteration's evaluation")
+        return Decision(rule.metric, False, "metric missing from this iteration's evaluation", outcome=MISSING)
     if baseline is None:
-        return Decision(rule.metric, True, "no baseline to compare with", current.value)
+        return Decision(rule.metric, True, "no baseline to compare with", current.value, outcome=NO_BASELINE)
     if not current.trusted or not baseline.trusted:
         which = "this iteration's" if not current.trusted else "the baseline's"
-        return Decision(rule.metric, False, f"refused: {which} evaluator is untrusted", current.value, baseline.value)
+        return Decision(rule.metric, False, f"refused: {which} evaluator is untrusted", current.value, baseline.value,
+                        outcome=REFUSED)
     mismatch = _provenance_mismatch(current, baseline)
     if mismatch:
-        return Decision(rule.metric, False, f"refused: provenance differs ({mismatch})", current.value, baseline.value)
-    drop = (baseline.value - current.value) if current.higher_is_better else (current.value - baseline.value)
-    se = math.sqrt((current.stderr or 0.0) ** 2 + (baseline.stderr or 0.0) ** 2)
-    threshold = max(rule.abs_tol, rule.z * se)
-    if drop > threshold:
-        word = "dropped" if current.higher_is_better else "rose"
-        return Decision(
-            rule.metric, False,
-            f"{word} from {baseline.value:.4g} to {current.value:.4g}, by {abs(drop):.4g} > threshold "
-            f"{threshold:.4g} (max of abs_tol {rule.abs_tol:g} and {rule.z:g} x stderr {se:.4g})",
-            current.value, baseline.value, threshold,
-        )
-    return Decision(rule.metric, True, f"{current.value:.4g} vs baseline {baseline.value:.4g} "
-                    f"(change within threshold {threshold:.4g})", current.value, baseline.value, threshold)
+        return Decision(rule.metric, False, f"refused: provenance differs ({mismatch})", current.value, baseline.value,
+                        outcome=REFUSED)
+    if evidence is None:
+        evidence = Evidence(unpaired(current.value, baseline.value, current.stderr, baseline.stderr, current.n,
+                                     level=level, power=power),
+                            "unpaired (no per-item scores)", current.value, baseline.value)
+    return _decide(rule, evidence, current.higher_is_better, on_inconclusive)
+
+
+def _decide(rule: Rule, ev: Evidence, higher_is_better: bool, on_inconclusive: str) -> Decision:
+    p, tol = ev.paired, rule.abs_tol
+    sign = 1.0 if higher_is_better else -1.0
+    worst, best = sorted((sign * p.low, sign * p.high))  # the interval in the better direction
+    if best < -tol:
+        outcome = REGRESSION
+    elif worst >= -tol:
+        outcome = PASS
+    else:
+        outcome = INCONCLUSIVE
+    blind = p.mde is None or p.mde > tol
+    needed = p.items_needed(tol) if blind else None
+    word = "worse" if higher_is_better else "better"
+    seen = (f"MDE {_g(p.mde)}" if p.mde is not None else "MDE unknown (no spread to plan from)") + (
+        f", BLIND: above the tolerance {tol:g}" + (f"; n = {needed} would see it" if needed else "") if blind else "")
+    interval = f"{_signed(p.estimate)} [{_signed(p.low)}, {_signed(p.high)}]"
+    what = (f"{ev.signal}: change {interval} ({p.level:.1%} {p.method} interval, n={p.n}; "
+            f"{_g(ev.current)} vs {_g(ev.baseline)})")
+    if outcome == REGRESSION:
+        reason = f"regression: {what} lies wholly beyond the tolerance of {tol:g} {word}; {seen}"
+    elif outcome == PASS:
+        reason = f"pass: {what} excludes a drop beyond the tolerance {tol:g}; {seen}"
+    else:
+        action = "the loop goes on (gate.on_inconclusive=continue)" if on_inconclusive == "continue" else \
+            "the loop stops (gate.on_inconclusive=stop)"
+        reason = f"INCONCLUSIVE: {what} straddles the tolerance {tol:g}; {seen}; {action}"
+    passed = outcome == PASS or (outcome == INCONCLUSIVE and on_inconclusive == "continue")
+    return Decision(rule.metric, passed, reason, ev.current, ev.baseline, tol, outcome=outcome, signal=ev.signal,
+                    estimate=p.estimate, low=p.low, high=p.high, level=p.level, method=p.method, n=p.n, mde=p.mde,
+                    blind=blind, items_needed=needed)
+
+
+def _g(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.4g}"
 
 
 def _provenance_mismatch(a: Metric, b: Metric) -> str:
@@ -124,7 +210,9 @@ class GateResult:
 
     def as_dict(self) -> dict[str, Any]:
         """What ``gate.json`` holds."""
-        out = {"passed": self.passed, "baseline": self.baseline, "decisions": [asdict(d) for d in self.decisions]}
+        decisions = [{k: v for i, (k, v) in enumerate(asdict(d).items()) if i < 6 or v is not None}
+                     for d in self.decisions]  # the data checks are limits: no interval fields
+        out = {"passed": self.passed, "baseline": self.baseline, "decisions": decisions}
         return out if self.evaluated is None else {**out, "evaluated": self.evaluated}
 
 
@@ -150,13 +238,26 @@ def pick_baseline(history: dict[int, dict[str, Metric]], metric: str, mode: str,
     return t, earlier[t]
 
 
-def eval_decisions(history: dict[int, dict[str, Metric]], current: int, rules: Sequence[Rule], mode: str) -> list[Decision]:
+EvidenceFor = Callable[[str, int, float], "Evidence | None"]
+"""``(metric, baseline iteration, level) -> Evidence``: the paired difference between this
+iteration and that one, or None where no per-item scores exist."""
+
+
+def eval_decisions(history: dict[int, dict[str, Metric]], current: int, rules: Sequence[Rule], mode: str, *,
+                   evidence_for: EvidenceFor | None = None, level: float = 0.95, power: float = 0.8,
+                   correction: str = "bonferroni", on_inconclusive: str = "continue") -> list[Decision]:
+    """Every gated metric of iteration ``current`` against its baseline (``mode``), each interval
+    at ``level`` corrected for the number of gated metrics."""
+    each = corrected_level(level, len(rules)) if correction == "bonferroni" else level
     decisions = []
     for rule in rules:
         t, base = pick_baseline(history, rule.metric, mode, current)
-        d = compare(history.get(current, {}).get(rule.metric), base, rule)
+        now = history.get(current, {}).get(rule.metric)
+        evidence = evidence_for(rule.metric, t, each) if (evidence_for and t is not None and now is not None
+                                                          and base is not None) else None
+        d = compare(now, base, rule, evidence=evidence, level=each, power=power, on_inconclusive=on_inconclusive)
         if t is not None:
-            d = Decision(d.check, d.passed, f"{d.reason} [baseline iter_{t:02d}]", d.current, d.baseline, d.threshold)
+            d = replace(d, reason=f"{d.reason} [baseline iter_{t:02d}]", baseline_iteration=t)
         decisions.append(d)
     return decisions
 
@@ -212,9 +313,50 @@ def decide_iteration(view: RunView, cfg: RunConfig, t: int, evaluated: bool) -> 
             summary = view.model(f"iter_{i:02d}").eval
             if summary is not None:
                 history[i] = {name: m for name, m in summary.metrics.items() if m.value is not None}
-        rules = [Rule(r.metric, r.abs_tol, r.z) for r in cfg.gate.metrics]
-        decisions += eval_decisions(history, t, rules, cfg.gate.baseline)
+        g = cfg.gate
+        decisions += eval_decisions(history, t, [Rule(r.metric, r.abs_tol) for r in g.metrics], g.baseline,
+                                    evidence_for=run_evidence(Path(view.root), t, g.win_rate_signal, g.power),
+                                    level=g.level, power=g.power, correction=g.correction,
+                                    on_inconclusive=g.on_inconclusive)
     return decide(decisions, baseline=cfg.gate.baseline, evaluated=evaluated)
+
+
+def run_evidence(root: Path, t: int, win_rate_signal: str, power: float) -> EvidenceFor:
+    """Paired differences read from the run directory: the head-to-head judgment of ``iter_t``
+    against its baseline for the win rate (when ``win_rate_signal`` is ``head_to_head`` and it was
+    judged), else per-item scores of the two evaluations."""
+    from evals.item_scores import item_scores, preferences
+    from evals.paired import PairingError, one_sample, paired_difference
+
+    def evidence(metric: str, b: int, level: float) -> Evidence | None:
+        if metric == WIN_RATE and win_rate_signal == "head_to_head":
+            h2h = preferences(head_to_head_file(root, t, b))
+            if h2h is not None and h2h.values:
+                p = one_sample(h2h.values, 50.0, level=level, power=power, bounds=h2h.bounds)
+                return Evidence(p, f"head-to-head vs iter_{b:02d}", 50.0 + p.estimate, 50.0)
+        now = item_scores(root / f"iter_{t:02d}" / "eval", metric)
+        then = item_scores(root / f"iter_{b:02d}" / "eval", metric)
+        if now is None or then is None:
+            return None
+        differ = [k for k in now.keys_checked if then.keys_checked.get(k, now.keys_checked[k]) != now.keys_checked[k]]
+        if differ:
+            return None  # same ids, different documents: not paired (the provenance check says why)
+        try:
+            p = paired_difference(now.values, then.values, level=level, power=power, bounds=now.bounds)
+        except PairingError:
+            return None
+        return Evidence(p, "paired items", sum(now.values.values()) / len(now.values),
+                        sum(then.values.values()) / len(then.values))
+
+    return evidence
+
+
+WIN_RATE = "alpaca_eval/win_rate"
+
+
+def head_to_head_file(root: Path, t: int, b: int) -> Path:
+    """Where the head-to-head stage of ``iter_t`` keeps its judgments against ``iter_b``."""
+    return Path(root) / f"iter_{t:02d}" / "head_to_head" / f"vs_iter_{b:02d}" / "annotations.json"
 
 
 def write_gate(run_root: Path, t: int, result: GateResult) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from harness import evaluate, gate, stages
 from harness.config import RunConfig, dump_config
+from harness.head_to_head import head_to_head_stage
 from harness.rundir import RunDir, StageResult
 from harness.runview import read_run
 from pipeline.io import write_json_atomic
@@ -19,7 +20,8 @@ from pipeline import hardware
 
 log = logging.getLogger(__name__)
 
-STAGES = ("seed", "corpus", "judge_check", "base_eval", "backward", "augment", "finetune", "curate", "select", "eval")
+STAGES = ("seed", "corpus", "judge_check", "base_eval", "backward", "augment", "finetune", "curate", "select", "eval",
+          "head_to_head")
 """Names ``humpback stage`` takes; :func:`stage_name` turns them into run-directory stage names."""
 
 
@@ -29,10 +31,10 @@ class StopAfter(Exception):
 
 def stage_name(stage: str, iteration: int | None) -> str:
     """The run-directory name of a ``humpback stage`` name: ``finetune`` and ``eval`` default to
-    iteration 0 (M0), ``curate`` and ``select`` to iteration 1; ``base_eval`` is the untuned base
+    iteration 0 (M0), ``curate``, ``select`` and ``head_to_head`` to iteration 1; ``base_eval`` is the untuned base
     model's evaluation."""
-    if stage in ("finetune", "curate", "select", "eval"):
-        default = 1 if stage in ("curate", "select") else 0
+    if stage in ("finetune", "curate", "select", "eval", "head_to_head"):
+        default = 1 if stage in ("curate", "select", "head_to_head") else 0
         return f"iter_{(default if iteration is None else iteration):02d}/{stage}"
     if stage == "base_eval":
         return "base/eval"
@@ -47,6 +49,7 @@ def planned_stages(cfg: RunConfig, with_eval: bool | None = None) -> list[str]:
     for t in range(0, cfg.iterate.iterations + 1):
         names += [f"iter_{t:02d}/{s}" for s in (("finetune",) if t == 0 else ("curate", "select", "finetune"))]
         names += [f"iter_{t:02d}/eval"] if evals else []
+        names += [f"iter_{t:02d}/head_to_head"] if evals and t > 0 and cfg.eval.head_to_head else []
     return names
 
 
@@ -81,9 +84,17 @@ def iterate(cfg: RunConfig, run: RunDir, stop_after: str | None = None) -> dict[
             raise StopAfter(result.name)
         return result
 
+    evals: dict[int, StageResult] = {}
+
     def score(prefix: str, model: StageResult) -> None:
         if cfg.eval.enabled:
-            done(evaluate.evaluate_model(run, cfg, prefix, model, check))
+            result = done(evaluate.evaluate_model(run, cfg, prefix, model, check))
+            if prefix.startswith("iter_"):
+                evals[int(prefix[5:])] = result
+
+    def head_to_head(t: int) -> None:
+        if cfg.eval.enabled and cfg.eval.head_to_head:
+            done(head_to_head_stage(run, cfg, t, evals, check))
 
     failure: GateFailed | None = None
     evaluate.check_eval_inputs(cfg)
@@ -103,6 +114,7 @@ def iterate(cfg: RunConfig, run: RunDir, stop_after: str | None = None) -> dict[
             check_gate(run, cfg, t, evaluated=False)                  # enough clean, scored data?
             model = done(stages.train_forward(run, cfg, t, seed, base, selected))    # M_t
             score(f"iter_{t:02d}", model)
+            head_to_head(t)                                           # M_t vs M_{t-1} and M0, same prompts
             check_gate(run, cfg, t, evaluated=True)                   # no regression beyond noise?
     except StopAfter:
         pass
@@ -123,7 +135,8 @@ def check_gate(run: RunDir, cfg: RunConfig, t: int, evaluated: bool) -> None:
     result = gate.decide_iteration(read_run(run.root, strict=True), cfg, t, evaluated)
     gate.write_gate(run.root, t, result)
     for d in result.decisions:
-        log.info("gate iter_%02d %s: %s", t, "pass" if d.passed else "FAIL", d.message())
+        loud = not d.passed or d.outcome == gate.INCONCLUSIVE or d.blind
+        (log.warning if loud else log.info)("gate iter_%02d %s: %s", t, "pass" if d.passed else "FAIL", d.message())
     if not result.passed:
         raise GateFailed(t, result)
 

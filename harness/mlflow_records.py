@@ -9,6 +9,9 @@ tags model versions with the same keys. Metric names, by model (``base``, ``iter
 * ``curation/*`` (score histogram, unscored rate, curator precision and recall, keep rate,
   selected, candidates, k), ``data/*`` (contamination, lengths, distinct-n, near duplicates),
   ``train/*`` (every number the finetune stage reported), ``gate/passed``;
+* per gated metric ``gate/<metric>/change`` (``_low``, ``_high``: its interval), ``/mde``,
+  ``/blind``, ``/items_needed``, ``/outcome`` (1 pass, 0 inconclusive, -1 regression);
+  ``head_to_head/vs_iter_NN/win_rate`` (``_low``, ``_high``, ``mde``);
 * ``resources/<stage>_seconds``, ``resources/<stage>_peak_rss_mib`` and, where the stage used a
   GPU, ``resources/<stage>_gpu_peak_mib`` of curate, select, finetune and eval.
 """
@@ -34,7 +37,7 @@ BASE_STEP = -1
 MAX_TAG_CHARS = 5000
 RESOURCE_STAGES = ("curate", "select", "finetune", "eval")
 
-LOGGED_METRICS_VERSION = "2"
+LOGGED_METRICS_VERSION = "3"
 """Part of every model's fingerprint: raised when the metrics logged from the same files change
 (2: ``resources/*``), so a run logged by an older harness is brought up to date."""
 
@@ -130,7 +133,31 @@ def iteration_metrics(model: ModelView) -> dict[str, float]:
     out.update(resource_metrics(model))
     if model.gate is not None:
         out["gate/passed"] = float(model.gate.passed)
-    return {metric_name(k): v for k, v in out.items()}
+        out.update(gate_metrics(model.gate))
+    for against, r in ((model.head_to_head or {}).get("against") or {}).items():
+        interval = r.get("interval_95") or [None, None]
+        out.update({f"head_to_head/vs_{against}/win_rate": r.get("win_rate"),
+                    f"head_to_head/vs_{against}/win_rate_low": interval[0],
+                    f"head_to_head/vs_{against}/win_rate_high": interval[1],
+                    f"head_to_head/vs_{against}/mde": r.get("mde_95")})
+    return {metric_name(k): float(v) for k, v in out.items() if _value(v) is not None}
+
+
+OUTCOME_CODES = {"pass": 1.0, "inconclusive": 0.0, "regression": -1.0}
+"""``gate/<metric>/outcome`` as a number MLflow can chart (refused and missing are left out)."""
+
+
+def gate_metrics(gate: GateResult) -> dict[str, float | None]:
+    """Per gated metric: the paired change and its interval, the MDE, blindness and the outcome."""
+    out: dict[str, float | None] = {}
+    for d in gate.decisions:
+        if d.outcome is None:
+            continue
+        prefix = f"gate/{d.check}"
+        out.update({f"{prefix}/change": d.estimate, f"{prefix}/change_low": d.low, f"{prefix}/change_high": d.high,
+                    f"{prefix}/mde": d.mde, f"{prefix}/blind": None if d.blind is None else float(d.blind),
+                    f"{prefix}/items_needed": d.items_needed, f"{prefix}/outcome": OUTCOME_CODES.get(d.outcome)})
+    return out
 
 
 # --------------------------------------------------------------------------- tags

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.report_plots import write_plots
-from harness.report_tables import (LC_GLM_NOTES, Table, data_table, gate_failures, metric_cell, metric_notes,
+from harness.report_tables import (LC_GLM_NOTES, Table, data_table, gate_failures, gate_table, head_to_head_table,
+                                   metric_cell, metric_notes,
                                    metric_table, peak_memory, stage_table)
 from harness.runview import RunView, as_view
 
@@ -64,6 +65,14 @@ def _calibration_table(view: RunView) -> Table:
     return JUDGE_HEADER, judge_rows(view.judge_calibration, mark="")
 
 
+H2H_NOTE = "the judge saw both models' answers to the same prompts; 50 = no difference"
+GATE_NOTE = ("Each gated metric, item by item against its baseline: the change (this model minus the baseline, "
+             "in the metric's units; head to head: win rate minus 50) with its interval at the level shown "
+             "(corrected for the number of gated metrics). Regression: the whole interval beyond the tolerance; "
+             "inconclusive: it straddles the tolerance. MDE: the smallest change this n would find with the power gate.power sets (80% by default) "
+             "(gate.power); blind: the MDE exceeds the tolerance, with the n that would see it.")
+
+
 def render_markdown(view: RunView, plots: list[Path]) -> str:
     lines = [f"# Humpback run report: {view.name}", ""]
     lines += [f"- {k}: `{v}`" for k, v in _header_lines(view)]
@@ -76,8 +85,14 @@ def render_markdown(view: RunView, plots: list[Path]) -> str:
         lines += ["", "## Judge calibration (outside labels, 95% intervals)", "",
                   view.judge_calibration["verdict"], ""] + _md_table(_calibration_table(view))
     lines += ["", "## Curation, selected data and training", ""] + _md_table(data_table(view))
+    h2h = head_to_head_table(view)
+    if h2h[1]:
+        lines += ["", f"## Head to head ({H2H_NOTE})", ""] + _md_table(h2h)
     failures = gate_failures(view)
     lines += ["", "## Gates", ""] + ([f"- {f}" for f in failures] or ["No gate failed."])
+    gates = gate_table(view)
+    if gates[1]:
+        lines += ["", GATE_NOTE, ""] + _md_table(gates)
     stages = stage_table(view.stages_in_order())
     if stages[1]:
         lines += ["", "## Stages (time and resident memory)", ""] + _md_table(stages)
@@ -112,9 +127,15 @@ def render_html(view: RunView, plots: list[Path]) -> str:
         parts.append("<h2>Judge calibration (outside labels, 95% intervals)</h2>"
                      f"<p>{html.escape(view.judge_calibration['verdict'])}</p>" + _html_table(_calibration_table(view)))
     parts.append("<h2>Curation, selected data and training</h2>" + _html_table(data_table(view)))
+    h2h = head_to_head_table(view)
+    if h2h[1]:
+        parts.append(f"<h2>Head to head ({html.escape(H2H_NOTE)})</h2>" + _html_table(h2h))
     failures = gate_failures(view)
     parts.append("<h2>Gates</h2><ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in failures) + "</ul>"
                  if failures else "<h2>Gates</h2><p>No gate failed.</p>")
+    gates = gate_table(view)
+    if gates[1]:
+        parts.append(f"<p>{html.escape(GATE_NOTE)}</p>" + _html_table(gates))
     stages = stage_table(view.stages_in_order())
     if stages[1]:
         parts.append("<h2>Stages (time and resident memory)</h2>" + _html_table(stages))

@@ -188,6 +188,45 @@ def gate_failures(view: RunView) -> list[str]:
             for m in view.models.values() if m.gate is not None for d in m.gate.decisions if not d.passed]
 
 
+def gate_table(view: RunView) -> Table:
+    """Every evaluation check of every gate: the paired change with its interval, the tolerance,
+    what the comparison could have seen (MDE; blind, with the n it would need) and the outcome."""
+    header = ["iteration", "metric", "compared", "change [interval]", "level", "n", "tolerance", "MDE",
+              "blind (n needed)", "outcome"]
+    rows = []
+    for m in view.models.values():
+        for d in (m.gate.decisions if m.gate is not None else []):
+            if d.outcome is None:  # a data check (a limit), listed with the failures
+                continue
+            interval = DASH if d.estimate is None else f"{d.estimate:+.3g} [{d.low:+.3g}, {d.high:+.3g}]"
+            blind = DASH if d.blind is None else ("yes" + (f" ({d.items_needed})" if d.items_needed else "")
+                                                   if d.blind else "no")
+            where = f"{d.signal}" + ("" if d.baseline_iteration is None or "vs iter" in (d.signal or "")
+                                     else f" vs iter_{d.baseline_iteration:02d}")
+            rows.append([m.name, d.check, where if d.signal else DASH, interval,
+                         DASH if d.level is None else f"{d.level:.1%}", fmt(d.n), fmt(d.threshold),
+                         fmt(d.mde), blind, d.outcome.upper() if d.outcome in ("regression", "inconclusive")
+                         else d.outcome])
+    return header, rows
+
+
+def head_to_head_table(view: RunView) -> Table:
+    """Each model judged directly against earlier ones: win rate with its 95% interval."""
+    header = ["model", "against", "win rate [95% interval]", "wins / losses / draws", "n", "MDE"]
+    rows = []
+    for m in view.models.values():
+        h2h = m.head_to_head or {}
+        mark = "" if h2h.get("trusted") is not False else f" {UNTRUSTED}"
+        for against, r in sorted((h2h.get("against") or {}).items()):
+            interval = r.get("interval_95") or [None, None]
+            cell = (f"{fmt(r.get('win_rate'), 1)} [{fmt(interval[0], 1)}, {fmt(interval[1], 1)}]{mark}"
+                    if is_number(r.get("win_rate")) else DASH)
+            rows.append([m.name, against, cell,
+                         f"{r.get('n_wins', DASH)} / {r.get('n_wins_base', DASH)} / {r.get('n_draws', DASH)}",
+                         fmt(r.get("n")), fmt(r.get("mde_95"))])
+    return header, rows
+
+
 # --------------------------------------------------------------------------- stages
 
 

@@ -40,6 +40,7 @@ EVAL_SUMMARY = "eval/summary.json"
 JUDGE_CALIBRATION = "judge_check/calibration.json"
 SEED_DATA = "seed/data.jsonl"
 CHECKPOINT = "finetune/model"
+HEAD_TO_HEAD = "head_to_head/head_to_head.json"
 
 
 class RunDirError(ValueError):
@@ -258,11 +259,26 @@ def _gate(path: Path) -> GateResult | None:
     evaluated = raw.get("evaluated")
     return GateResult(
         raw.get("passed") is True,
-        [Decision(d.get("check"), bool(d.get("passed")), d.get("reason"),
-                  *(_number(d.get(k)) for k in ("current", "baseline", "threshold"))) for d in decisions],
+        [_decision(d) for d in decisions],
         raw.get("baseline"),
         evaluated if isinstance(evaluated, bool) else None,
     )
+
+
+_DECISION_NUMBERS = ("current", "baseline", "threshold", "estimate", "low", "high", "level", "mde")
+_DECISION_TEXTS = ("outcome", "signal", "method")
+_DECISION_INTS = ("n", "items_needed", "baseline_iteration")
+
+
+def _decision(d: dict[str, Any]) -> Decision:
+    """One decision of ``gate.json``; fields a gate of an older version did not write stay None."""
+    blind = d.get("blind")
+    return Decision(d.get("check"), bool(d.get("passed")), d.get("reason"),
+                    **{k: _number(d.get(k)) for k in _DECISION_NUMBERS},
+                    **{k: d.get(k) if isinstance(d.get(k), str) else None for k in _DECISION_TEXTS},
+                    **{k: d.get(k) if isinstance(d.get(k), int) and not isinstance(d.get(k), bool) else None
+                       for k in _DECISION_INTS},
+                    blind=blind if isinstance(blind, bool) else None)
 
 
 @dataclass(frozen=True)
@@ -280,6 +296,9 @@ class ModelView:
     """The finetune stage's stats (``train_pairs``, ``final_loss``, ...)."""
     checkpoint: bool = False
     """Whether ``finetune/model`` is on disk."""
+    head_to_head: dict[str, Any] | None = None
+    """``head_to_head/head_to_head.json``: this model judged against earlier ones (``against``:
+    ``{"iter_00": {"win_rate", "interval_95", "mde_95", "n", ...}}``, ``trusted``)."""
 
     def committed(self, stage: str) -> bool:
         """Whether that stage of this model is finished (its folder carries ``.done``)."""
@@ -396,7 +415,18 @@ def _model(reader: _Reader, root: Path, name: str, stages: dict[str, Stage]) -> 
         selection=stats_of("select", Selection.of, Selection()),
         training=own["finetune"].stats if "finetune" in own else {},
         checkpoint=(root / name / CHECKPOINT).exists(),
+        head_to_head=reader.read(_head_to_head, root / name / HEAD_TO_HEAD),
     )
+
+
+def _head_to_head(path: Path) -> dict[str, Any] | None:
+    raw = _load(path)
+    if raw is None:
+        return None
+    against = raw.get("against")
+    if not isinstance(against, dict) or not all(isinstance(v, dict) for v in against.values()):
+        raise RunDirError(path, "against is not an object of objects")
+    return raw
 
 
 def read_run(run_dir: str | Path, *, strict: bool = False) -> RunView:

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 STAGES = ["seed", "corpus", "backward", "augment", "iter_00/finetune",
           "iter_01/curate", "iter_01/select", "iter_01/finetune",
           "iter_02/curate", "iter_02/select", "iter_02/finetune"]
-EVALS = ["judge_check", "base/eval", "iter_00/eval", "iter_01/eval", "iter_02/eval"]
+EVALS = ["judge_check", "base/eval", "iter_00/eval", "iter_01/eval", "iter_02/eval", "iter_01/head_to_head",
+         "iter_02/head_to_head"]
 
 
 def tiny_overrides(model: Path) -> dict:
@@ -216,7 +217,8 @@ def test_killed_run_resumes_to_identical_outputs(finished_run, tiny_model, tmp_p
 
 def test_every_model_is_evaluated_with_provenance(finished_run):
     _, run, _ = finished_run
-    summaries = {name: json.loads((run.root / name / "summary.json").read_text()) for name in EVALS[1:]}
+    summaries = {name: json.loads((run.root / name / "summary.json").read_text())
+                 for name in EVALS if name.endswith("/eval")}
     names = None
     for name, summary in summaries.items():
         metrics = summary["metrics"]
@@ -254,6 +256,16 @@ def test_gates_written_and_passed(finished_run):
         checks = {d["check"] for d in g["decisions"]}
         assert {"data/selected", "curation/unscored_rate", "data/contamination_rate", "augment/reject_rate",
                 "truthfulqa_mc1/acc"} <= checks
+        # every evaluation check is paired and says what it could have seen
+        for d in (d for d in g["decisions"] if d["check"] in ("truthfulqa_mc1/acc", "alpaca_eval/win_rate")):
+            assert d["outcome"] in ("pass", "inconclusive") and d["low"] <= d["estimate"] <= d["high"]
+            assert d["level"] == pytest.approx(0.975) and d["blind"] is True and d["items_needed"] > d["n"]
+        win = next(d for d in g["decisions"] if d["check"] == "alpaca_eval/win_rate")
+        assert win["signal"] == f"head-to-head vs iter_{t - 1:02d}" and win["n"] == 3
+    h2h = json.loads((run.root / "iter_02" / "head_to_head" / "head_to_head.json").read_text())
+    assert set(h2h["against"]) == {"iter_00", "iter_01"}
+    report = (run.root / "report.md").read_text()
+    assert "## Head to head" in report and "blind (n needed)" in report
 
 
 def test_report_and_tracking_written(finished_run):
@@ -303,22 +315,29 @@ def test_gate_command_redecides_from_disk(finished_run, tmp_path, capsys):
     assert "iter_02: FAIL" in out and "alpaca_eval/win_rate: refused: this iteration's evaluator is untrusted" in out
 
 
-def test_gate_command_catches_a_planted_regression(finished_run, tmp_path, capsys):
-    """Every earlier model at a 60% win rate, M2 at 10%, all exact: the metric gate fails from disk."""
+def test_gate_command_sees_a_planted_regression_as_blind_at_three_prompts(finished_run, tmp_path, capsys):
+    """M2 loses every head-to-head prompt against M1: at the tiny run's 3 prompts that is not
+    enough to call a regression, and the gate says so (inconclusive, blind, the n it would need);
+    with gate.on_inconclusive=stop the loop would stop there."""
     import shutil
 
     _, run, _ = finished_run
     copy = tmp_path / "copy"
     shutil.copytree(run.root, copy, ignore=shutil.ignore_patterns("model"))
-    for name, value in (("base", 60.0), ("iter_00", 60.0), ("iter_01", 60.0), ("iter_02", 10.0)):
-        path = copy / name / "eval" / "summary.json"
-        summary = json.loads(path.read_text())
-        summary["metrics"]["alpaca_eval/win_rate"].update(value=value, stderr=0.0)
-        path.write_text(json.dumps(summary))
+    path = copy / "iter_02" / "head_to_head" / "vs_iter_01" / "annotations.json"
+    rows = json.loads(path.read_text())
+    path.write_text(json.dumps([{**r, "preference": 1.0} for r in rows]))  # the baseline won each one
     capsys.readouterr()
-    assert main(["gate", str(copy)]) == EXIT_GATE
+    assert main(["gate", str(copy)]) == 0
+    win = next(d for d in json.loads((copy / "iter_02" / "gate.json").read_text())["decisions"]
+               if d["check"] == "alpaca_eval/win_rate")
+    assert win["outcome"] == "inconclusive" and win["estimate"] == -50.0 and win["blind"] is True
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["gate"]["on_inconclusive"] = "stop"
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["gate", str(copy)]) == EXIT_GATE  # every check at n <= 3 is inconclusive: the first gate stops
     out = capsys.readouterr().out
-    assert "iter_01: PASS" in out and "iter_02: FAIL" in out and "dropped from 60" in out
+    assert "iter_01: FAIL" in out and "gate.on_inconclusive=stop" in out
 
 
 def test_standalone_eval_writes_the_same_layout(tiny_model, eval_data, tmp_path, capsys):

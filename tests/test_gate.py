@@ -13,34 +13,39 @@ def m(value, stderr=0.02, n=100, hib=True, prov=PROV, trusted=True):
 
 
 @pytest.mark.parametrize(
-    "current, baseline, rule, passed, needle",
+    "current, baseline, rule, outcome, needle",
     [
-        (m(0.50), m(0.48), Rule("w", 0.01, 2), True, "within threshold"),                 # improvement
-        (m(0.46), m(0.50), Rule("w", 0.01, 2), True, "within threshold"),                 # drop 0.04 < 2*0.028
-        (m(0.30), m(0.50), Rule("w", 0.01, 2), False, "dropped from 0.5 to 0.3"),          # beyond noise
-        (m(0.49, 0.0), m(0.50, 0.0), Rule("w", 0.02, 2), True, "within"),                 # exact, under abs_tol
-        (m(0.45, 0.0), m(0.50, 0.0), Rule("w", 0.02, 2), False, "threshold 0.02"),        # exact, over abs_tol
-        (m(0.30, hib=False), m(0.50, hib=False), Rule("w", 0.01, 2), True, "within"),     # lower is better
-        (m(0.70, hib=False), m(0.50, hib=False), Rule("w", 0.01, 2), False, "rose"),
-        (m(0.50, n=50), m(0.50), Rule("w"), False, "refused: provenance differs (n 100 vs 50)"),
-        (m(0.50, prov={"task_version": 2, "config_digest": "abc"}), m(0.50), Rule("w"), False, "task_version 1 vs 2"),
-        (m(0.50, prov={"task_version": 1, "config_digest": "zzz"}), m(0.50), Rule("w"), False, "config_digest"),
-        (m(0.90, trusted=False), m(0.50), Rule("w"), False, "this iteration's evaluator is untrusted"),
-        (m(0.90), m(0.50, trusted=False), Rule("w"), False, "the baseline's evaluator is untrusted"),
-        (None, m(0.5), Rule("w"), False, "missing"),
-        (m(0.5), None, Rule("w"), True, "no baseline"),
+        (m(0.50), m(0.48), Rule("w", 0.01), "inconclusive", "straddles"),             # +0.02 +- 0.055
+        (m(0.60), m(0.50), Rule("w", 0.01), "pass", "excludes a drop"),                # +0.10 +- 0.055
+        (m(0.30), m(0.50), Rule("w", 0.01), "regression", "lies wholly beyond"),       # -0.20 +- 0.055
+        (m(0.49, 0.0), m(0.50, 0.0), Rule("w", 0.02), "pass", "excludes"),             # exact, under abs_tol
+        (m(0.45, 0.0), m(0.50, 0.0), Rule("w", 0.02), "regression", "tolerance of 0.02"),  # exact, over abs_tol
+        (m(0.30, hib=False), m(0.50, hib=False), Rule("w", 0.01), "pass", "excludes"),  # lower is better
+        (m(0.70, hib=False), m(0.50, hib=False), Rule("w", 0.01), "regression", "better"),
+        (m(0.50, n=50), m(0.50), Rule("w"), "refused", "refused: provenance differs (n 100 vs 50)"),
+        (m(0.50, prov={"task_version": 2, "config_digest": "abc"}), m(0.50), Rule("w"), "refused", "task_version 1 vs 2"),
+        (m(0.50, prov={"task_version": 1, "config_digest": "zzz"}), m(0.50), Rule("w"), "refused", "config_digest"),
+        (m(0.90, trusted=False), m(0.50), Rule("w"), "refused", "this iteration's evaluator is untrusted"),
+        (m(0.90), m(0.50, trusted=False), Rule("w"), "refused", "the baseline's evaluator is untrusted"),
+        (None, m(0.5), Rule("w"), "missing", "missing"),
+        (m(0.5), None, Rule("w"), "no baseline", "no baseline"),
     ],
 )
-def test_compare_table(current, baseline, rule, passed, needle):
+def test_compare_table(current, baseline, rule, outcome, needle):
     decision = compare(current, baseline, rule)
-    assert decision.passed is passed
-    assert needle in decision.reason
+    assert decision.outcome == outcome and needle in decision.reason
+    assert decision.passed is (outcome in ("pass", "inconclusive", "no baseline"))  # inconclusive goes on by default
+    assert compare(current, baseline, rule, on_inconclusive="stop").passed is (outcome in ("pass", "no baseline"))
 
 
-def test_regression_message_names_values_and_threshold():
-    d = compare(m(0.30, 0.01), m(0.50, 0.01), Rule("alpaca_eval/win_rate", 0.05, 2))
+def test_regression_message_names_values_interval_and_what_it_could_see():
+    d = compare(m(0.30, 0.01), m(0.50, 0.01), Rule("alpaca_eval/win_rate", 0.05))
     assert d.current == 0.30 and d.baseline == 0.50 and d.threshold == pytest.approx(0.05)
-    assert "0.3" in d.message() and "0.5" in d.message() and "0.05" in d.message()
+    assert d.estimate == pytest.approx(-0.2) and d.low < -0.2 < d.high < -0.05
+    assert d.signal.startswith("unpaired") and d.mde == pytest.approx(2.8016 * 0.01 * 2 ** 0.5, rel=1e-3)
+    assert d.blind is False and "0.3" in d.message() and "0.5" in d.message() and "MDE 0.0396" in d.message()
+    wide = compare(m(0.30, 0.2), m(0.50, 0.2), Rule("alpaca_eval/win_rate", 0.05))
+    assert wide.blind is True and wide.items_needed > 100 and "BLIND" in wide.reason
 
 
 @pytest.mark.parametrize(
@@ -62,7 +67,7 @@ def test_decide_fails_if_any_fails():
 
 WIN = "alpaca_eval/win_rate"
 GATE_CONFIG = {"run": {"name": "g"}, "iterate": {"iterations": 1},
-               "gate": {"metrics": [{"metric": WIN, "abs_tol": 0.01, "z": 2.0}], "min_selected": 2}}
+               "gate": {"metrics": [{"metric": WIN, "abs_tol": 0.01}], "min_selected": 2, "baseline": "best"}}
 
 
 def _write(path, obj) -> None:
@@ -107,7 +112,9 @@ def test_decide_iteration_reads_data_and_evaluation_from_the_view(tmp_path):
                                                       "data/contamination_rate"]
     full = decide_iteration(read_run(run), cfg, 1, evaluated=True)
     assert not full.passed and [d.check for d in full.failures()] == [WIN]
-    assert "dropped from 0.5 to 0.3" in full.failures()[0].reason and "[baseline iter_00]" in full.failures()[0].reason
+    failure = full.failures()[0]
+    assert failure.outcome == "regression" and failure.signal.startswith("unpaired") and failure.baseline_iteration == 0
+    assert "0.3 vs 0.5" in failure.reason and "[baseline iter_00]" in failure.reason
 
 
 def test_gate_command_writes_each_gate_and_exits_on_the_first_failure(tmp_path, capsys):
