@@ -9,6 +9,7 @@ name the offending key and list the valid ones.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,9 +67,13 @@ class GateRuleSection(Section):
     @model_validator(mode="before")
     @classmethod
     def _z_was_removed(cls, data: Any) -> Any:
+        # Run directories made before the paired gate hold it in config.yaml: ignored, with a
+        # warning, so that `humpback gate` and `humpback report` still read them.
         if isinstance(data, dict) and "z" in data:
-            raise ValueError("'z' is no longer a gate setting: each gated metric is now compared item by item with a "
-                             "confidence interval at gate.level (see README, Gates); remove z")
+            logging.getLogger(__name__).warning(
+                "gate.metrics[].z is ignored: each gated metric is now compared item by item with a confidence "
+                "interval at gate.level (README, Gates); remove z from %s", data.get("metric"))
+            data = {k: v for k, v in data.items() if k != "z"}
         return data
 
     metric: str

@@ -98,6 +98,9 @@ class Decision:
     n: int | None = None
     mde: float | None = None
     """The smallest change found with ``gate.power`` at this n and level."""
+    sd: float | None = None
+    """The spread of the per-item differences behind the interval and the MDE (what
+    ``humpback eval-size`` plans other sizes from)."""
     blind: bool | None = None
     """True when the MDE exceeds the tolerance (or cannot be computed): a regression of the
     tolerance's size would most likely pass unseen."""
@@ -162,7 +165,7 @@ def _decide(rule: Rule, ev: Evidence, higher_is_better: bool, on_inconclusive: s
     passed = outcome == PASS or (outcome == INCONCLUSIVE and on_inconclusive == "continue")
     return Decision(rule.metric, passed, reason, ev.current, ev.baseline, tol, outcome=outcome, signal=ev.signal,
                     estimate=p.estimate, low=p.low, high=p.high, level=p.level, method=p.method, n=p.n, mde=p.mde,
-                    blind=blind, items_needed=needed)
+                    sd=p.sd, blind=blind, items_needed=needed)
 
 
 def _g(x: float | None) -> str:

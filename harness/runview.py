@@ -265,7 +265,7 @@ def _gate(path: Path) -> GateResult | None:
     )
 
 
-_DECISION_NUMBERS = ("current", "baseline", "threshold", "estimate", "low", "high", "level", "mde")
+_DECISION_NUMBERS = ("current", "baseline", "threshold", "estimate", "low", "high", "level", "mde", "sd")
 _DECISION_TEXTS = ("outcome", "signal", "method")
 _DECISION_INTS = ("n", "items_needed", "baseline_iteration")
 

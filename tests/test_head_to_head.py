@@ -112,3 +112,21 @@ def test_opponents_are_the_previous_model_and_m0():
     cfg = load_config(None)
     evals = {i: None for i in range(4)}
     assert opponents(cfg, 3, evals) == [0, 2] and opponents(cfg, 1, evals) == [0]
+
+
+def test_eval_size_plans_the_items_a_target_effect_needs(tmp_path):
+    from harness.eval_size import format_plan, plan
+
+    cfg = _config(tmp_path, ALL_GATES[:2])
+    run, evals, check = _planted_run(tmp_path, cfg, lambda text: text[: len(text) // 2 + 1], [1, 0, 1, 0])
+    head_to_head_stage(run, cfg, 1, evals, check)
+    result = plan(run.root, {WIN: 5.0, "ifeval/prompt_level_loose_acc": 0.1})
+    rows = {r.metric: r for r in result["rows"]}
+    assert result["level"] == pytest.approx(0.975) and result["iteration"] == 1 and result["baseline"] == 0
+    win = rows[WIN]
+    assert win.n_now == DEMO_ALPACA_N and win.signal.startswith("head-to-head vs iter_00") and win.n_full == 805
+    assert win.n_needed > DEMO_ALPACA_N and win.mde_now > 5.0
+    ifeval = rows["ifeval/prompt_level_loose_acc"]
+    assert ifeval.n_now == DEMO_HELDOUT_N and ifeval.n_needed > DEMO_HELDOUT_N and ifeval.n_full == 541
+    text = format_plan(result, minutes=10)
+    assert "eval.alpaca_subset=" in text and "target MDE" in text
