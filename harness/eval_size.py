@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,15 @@ def run(args) -> int:
     effects = {}
     for item in args.effect:
         metric, _, value = item.partition("=")
-        effects[metric] = float(value)
-    print(format_plan(plan(args.run_dir, effects or None), args.minutes))
+        try:
+            effects[metric] = float(value)
+        except ValueError:
+            print(f"error: --effect {item!r}: expected METRIC=NUMBER, e.g. alpaca_eval/win_rate=5", file=sys.stderr)
+            return 2
+    try:
+        result = plan(args.run_dir, effects or None)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    print(format_plan(result, args.minutes))
     return 0
