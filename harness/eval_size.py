@@ -36,6 +36,9 @@ class SizeRow:
     n_full: int | None
     signal: str
     note: str = ""
+    n_worst: int | None = None
+    """Items needed if every item moved as much as it can (the largest spread the metric's range
+    allows): a bound that holds whatever the models do."""
 
 
 def add_parser(sub) -> None:
@@ -78,10 +81,30 @@ def plan(run_dir: str | Path, effects: dict[str, float] | None = None) -> dict[s
             continue
         p = ev.paired
         need = items_needed(p.sd, effect, level, cfg.gate.power, normal=p.method != "t") if p.sd else None
-        note = "" if need is None or full is None or need <= full else f"more than the task's {full} items"
-        rows.append(SizeRow(metric, effect, p.n, p.mde, p.sd, need, full, f"{ev.signal} (iter_{t:02d})", note))
+        notes = []
+        if p.changed == 0:
+            notes.append("no item changed between the two iterations: the spread is the pseudo-items' floor")
+        if need is not None and full is not None and need > full:
+            notes.append(f"more than the task's {full} items")
+        worst = _largest_spread(root / f"iter_{t:02d}" / "eval", metric, ev.signal)
+        n_worst = items_needed(worst, effect, level, cfg.gate.power) if worst else None
+        rows.append(SizeRow(metric, effect, p.n, p.mde, p.sd, need, full, f"{ev.signal} (iter_{t:02d})",
+                            "; ".join(notes), n_worst))
     return {"rows": rows, "level": level, "power": cfg.gate.power, "timing": _timing(root / f"iter_{t:02d}" / "eval"),
             "iteration": t, "baseline": b}
+
+
+def _largest_spread(eval_dir: Path, metric: str, signal: str) -> float | None:
+    """The largest standard deviation a per-item difference of ``metric`` can have: a head-to-head
+    preference (0-100 around 50) at most 50; a difference of two scores in [lo, hi] at most hi - lo."""
+    from evals.item_scores import item_scores
+
+    if signal.startswith("head-to-head"):
+        return 50.0
+    scores = item_scores(eval_dir, metric)
+    if scores is None or scores.bounds is None:
+        return None
+    return float(scores.bounds[1] - scores.bounds[0])
 
 
 def _timing(eval_dir: Path) -> dict[str, float | None]:
@@ -106,9 +129,9 @@ def format_plan(result: dict[str, Any], minutes: float | None = None) -> str:
     rows, timing = result["rows"], result["timing"]
     lines = [f"Planned from iter_{result['iteration']:02d} against iter_{result['baseline']:02d}; intervals at "
              f"{result['level']:.1%} (gate.level, corrected), power {result['power']:.0%}.", ""]
-    header = ["metric", "target MDE", "n now", "MDE now", "n needed", "full size", "note"]
-    table = [[r.metric, f"{r.effect:g}", str(r.n_now), _g(r.mde_now), _g(r.n_needed), _g(r.n_full), r.note]
-             for r in rows]
+    header = ["metric", "target MDE", "n now", "MDE now", "n needed", "n, worst case", "full size", "note"]
+    table = [[r.metric, f"{r.effect:g}", str(r.n_now), _g(r.mde_now), _g(r.n_needed), _g(r.n_worst), _g(r.n_full),
+              r.note] for r in rows]
     widths = [max(len(x[i]) for x in [header, *table]) for i in range(len(header))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [header, *table]]
     alpaca_n = max([min(r.n_needed, r.n_full or r.n_needed) for r in rows
@@ -120,8 +143,9 @@ def format_plan(result: dict[str, Any], minutes: float | None = None) -> str:
         (heldout_n or 0) * (timing["per_document"] or 0) * max(1, timing["tasks"] or 1)
     overrides = ([f"eval.alpaca_subset={alpaca_n}"] if alpaca_n else []) + (
         [f"eval.heldout_limit={heldout_n}"] if heldout_n else [])
-    lines += ["", "The spreads are measured on the run's own items: at a handful of items they are rough themselves, "
-                  "so read the sizes as an order of magnitude and re-plan from a run at the new size.",
+    lines += ["", "n needed: from the spread of the per-item differences this run measured (at a handful of items "
+                  "rough itself: re-plan from a run at the new size); n, worst case: if every item moved as much as "
+                  "the metric's range allows, a bound whatever the models do.",
               f"this run's cost: {_g(timing['per_prompt'])} s per AlpacaEval prompt (answer and judgments), "
                   f"{_g(timing['per_document'])} s per held-out document",
               f"at the sizes needed: about {seconds / 60:.1f} min per model evaluation"

@@ -69,8 +69,8 @@ H2H_NOTE = "the judge saw both models' answers to the same prompts; 50 = no diff
 GATE_NOTE = ("Each gated metric, item by item against its baseline: the change (this model minus the baseline, "
              "in the metric's units; head to head: win rate minus 50) with its interval at the level shown "
              "(corrected for the number of gated metrics). Regression: the whole interval beyond the tolerance; "
-             "inconclusive: it straddles the tolerance. MDE: the smallest change this n would find with the power gate.power sets (80% by default) "
-             "(gate.power); blind: the MDE exceeds the tolerance, with the n that would see it.")
+             "inconclusive: it straddles the tolerance. MDE: the smallest change this n would find with the power gate.power sets (80% by default); "
+             "blind: the MDE exceeds the tolerance, with the n that would see it.")
 
 
 def render_markdown(view: RunView, plots: list[Path]) -> str:

@@ -7,6 +7,7 @@ gate makes of a judge's preferences, not about the judge.
 """
 
 import json
+import math
 
 import pytest
 import yaml
@@ -126,6 +127,8 @@ def test_eval_size_plans_the_items_a_target_effect_needs(tmp_path):
     win = rows[WIN]
     assert win.n_now == DEMO_ALPACA_N and win.signal.startswith("head-to-head vs iter_00") and win.n_full == 805
     assert win.n_needed > DEMO_ALPACA_N and win.mde_now > 5.0
+    # worst case: every prompt a clean win or loss (sd 50), normal quantiles at 97.5% and 80%
+    assert win.n_worst == math.ceil(((2.2414 + 0.8416) * 50 / 5.0) ** 2)
     ifeval = rows["ifeval/prompt_level_loose_acc"]
     assert ifeval.n_now == DEMO_HELDOUT_N and ifeval.n_needed > DEMO_HELDOUT_N and ifeval.n_full == 541
     text = format_plan(result, minutes=10)
