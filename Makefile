@@ -9,10 +9,11 @@ STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= configs/demo.yaml
 ARGS   ?=
 
-.PHONY: help setup test test-fast test-gpu iterate-and-eval bench bench-check bench-baseline mlflow-ui clean clean-runs
+.PHONY: help setup test test-fast test-gpu iterate-and-eval ablations bench bench-check bench-baseline mlflow-ui clean clean-runs
 
 help:
 	@echo "make iterate-and-eval   run the demo loop (CONFIG=$(CONFIG), extra overrides in ARGS='key=value ...')"
+	@echo "make ablations          the paper's ablations at demo size (configs/ablations), then humpback compare (runs/ablations/compare.md)"
 	@echo "make test               run the test suite (offline, CPU)"
 	@echo "make test-fast          tests without the end-to-end runs"
 	@echo "make test-gpu           only the GPU tests (tests/test_cuda.py); they skip without a CUDA device"
@@ -46,6 +47,23 @@ test-gpu: $(STAMP)
 
 iterate-and-eval: $(STAMP)
 	$(VENV)/bin/humpback iterate --config $(CONFIG) $(ARGS)
+
+# The paper's ablations at demo size, in the order that shares the most: the curated loop computes
+# everything, seed-only then takes all its stages from it, uncurated its stages up to the first
+# curation, no-tags those up to augmentation. A gate failure (exit 4) ends only that run; anything
+# else stops the set. ARGS go to every run (and run.name stays each config's own).
+ABLATIONS ?= curated seed-only uncurated no-tags
+ablations: $(STAMP)
+	@start=$$(date +%s); \
+	for a in $(ABLATIONS); do \
+	  echo "== ablation $$a: configs/ablations/$$a.yaml"; \
+	  $(VENV)/bin/humpback iterate --config configs/ablations/$$a.yaml $(ARGS); rc=$$?; \
+	  if [ $$rc -eq 4 ]; then echo "ablation $$a stopped at a gate (exit 4); its last evaluated model is compared"; \
+	  elif [ $$rc -ne 0 ]; then exit $$rc; fi; \
+	done; \
+	$(VENV)/bin/humpback compare $(foreach a,$(ABLATIONS),runs/ablation-$(a)) --out runs/ablations \
+	  --system-prompt-as-model || exit $$?; \
+	echo "ablations: $$(( $$(date +%s) - start )) s in all"
 
 # llama.cpp reference for `make bench`: llama-cpp-python builds from source (about 8 minutes on 2
 # cores, once; pip caches the wheel). A failed build is reported and the comparison is marked

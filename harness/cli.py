@@ -1,5 +1,6 @@
 """Command-line entry point: ``humpback iterate``, ``humpback stage``, ``humpback eval``,
-``humpback judge-eval``, ``humpback curator-eval``, ``humpback config``, ``humpback fetch-model``.
+``humpback judge-eval``, ``humpback curator-eval``, ``humpback compare``, ``humpback config``,
+``humpback fetch-model``.
 
 Run as: humpback --help
 """
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--no-mlflow", action="store_true", help="only write the report files")
 
+    _compare_parser(sub)
+
     p = sub.add_parser("config", help="print the resolved config (after overrides) and exit")
     _common(p)
 
@@ -81,6 +84,84 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _compare_parser(sub) -> None:
+    p = sub.add_parser(
+        "compare", help="one table of models across runs, each against a baseline model, item by item",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compare the final model of each run (e.g. the ablation set: make ablations) with one baseline "
+                    "model on the same evaluation items.\n\n"
+                    "Each cell shows the model's value ± its standard error and Δ, the mean per-item difference from "
+                    "the baseline with its confidence interval (paired over the same AlpacaEval prompts and held-out "
+                    "documents; Bonferroni-corrected over every difference in the table). Numbers whose evaluations "
+                    "differ (provenance: evaluation settings, judge, reference, task version; or n) are not "
+                    "compared: the cell says n/c[i] and note i says why. † marks an untrusted evaluator (a judge "
+                    "that failed its calibration), ᵘ a difference without per-item scores (unpaired).\n\n"
+                    "Writes compare.md and compare.json into --out and logs the runs as parent runs of one MLflow "
+                    "experiment (the runs' own when they share one, e.g. humpback/ablations; open it with "
+                    "make mlflow-ui, select the parent runs, Compare).",
+        epilog="Example: humpback compare runs/ablation-seed-only runs/ablation-curated --baseline "
+               "ablation-seed-only/iter_00 --metrics ifeval/prompt_level_loose_acc,alpaca_eval/win_rate")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (runs/<run.name>)")
+    p.add_argument("--out", help="folder for compare.md and compare.json (default: compare/ beside the first run "
+                                 "directory, i.e. runs/compare)")
+    p.add_argument("--baseline", metavar="RUN/MODEL",
+                   help="the model every row is compared with, e.g. ablation-seed-only/iter_00 (RUN: run name or "
+                        "directory; default: M0 of the first run with iterate.iterations 0, else of the first run)")
+    p.add_argument("--metrics", help="comma-separated metric names, or 'all' (default: the runs' gated metrics and "
+                                     "alpaca_eval/win_rate)")
+    p.add_argument("--all-models", action="store_true", help="a row for every evaluated model of each run "
+                                                             "(base, M0, ...), not only the final one")
+    p.add_argument("--level", type=float, default=0.95, help="confidence that all intervals hold together (0.95)")
+    p.add_argument("--correction", choices=("bonferroni", "none"), default="bonferroni",
+                   help="bonferroni (default): each of m intervals at 1 - (1 - level) / m; none: each at --level")
+    p.add_argument("--power", type=float, default=0.8, help="power of the smallest detectable difference (0.8)")
+    p.add_argument("--system-prompt-as-model", action="store_true",
+                   help="compare evaluations that differ only in the system prompt the evaluated model is given "
+                        "(the tag ablation's models are trained and asked without tags: the prompt belongs to "
+                        "the model); such cells are marked ‡")
+    p.add_argument("--experiment", help="MLflow experiment to log the runs into (default: the runs' own when they "
+                                        "share one, else humpback/compare)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: each run's tracking.uri, else "
+                                          "sqlite:///<runs>/mlflow.db)")
+    p.add_argument("--no-mlflow", action="store_true", help="only print and write the table")
+
+
+def _compare(args) -> int:
+    from harness.compare import CompareError, compare_runs
+    from harness.compare_report import log_to_mlflow, mlflow_experiment, render_text, write_comparison
+    from harness.runview import RunDirError
+
+    if not 0 < args.level < 1 or not 0 < args.power < 1:
+        print("error: --level and --power must lie between 0 and 1", file=sys.stderr)
+        return EXIT_CONFIG
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    try:
+        comparison = compare_runs(args.run_dirs, baseline=args.baseline, metrics=metrics, level=args.level,
+                                  power=args.power, correction=args.correction, all_models=args.all_models,
+                                  system_prompt_as_model=args.system_prompt_as_model)
+    except (CompareError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except RunDirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DATA
+    out = Path(args.out) if args.out else Path(args.run_dirs[0]).parent / "compare"
+    files = write_comparison(comparison, out)
+    print(render_text(comparison))
+    print(f"\nwritten: {', '.join(map(str, files))}")
+    if not args.no_mlflow:
+        experiment = args.experiment or mlflow_experiment(comparison)
+        try:
+            ids = log_to_mlflow(comparison, experiment, args.tracking_uri)
+        except Exception as exc:  # noqa: BLE001 - the table is written; MLflow is the index
+            print(f"MLflow logging failed ({exc}); the comparison files are complete", file=sys.stderr)
+        else:
+            if ids:
+                print(f"MLflow: {len(ids)} parent runs in experiment {experiment} (make mlflow-ui; select them, "
+                      f"Compare)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -94,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command in ("gate", "report"):
         return _on_run_dir(args)
+    if args.command == "compare":
+        return _compare(args)
     if args.command == "fetch-model":
         return _fetch_models(args)
     try:
