@@ -1,5 +1,5 @@
 """Command-line entry point: ``humpback iterate``, ``humpback stage``, ``humpback eval``,
-``humpback judge-eval``, ``humpback curator-eval``, ``humpback compare``, ``humpback config``,
+``humpback judge-eval``, ``humpback curator-eval``, ``humpback compare``, ``humpback eval-size``, ``humpback config``,
 ``humpback fetch-model``.
 
 Run as: humpback --help
@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mlflow", action="store_true", help="only write the report files")
 
     _compare_parser(sub)
+
+    from harness import eval_size
+
+    eval_size.add_parser(sub)
 
     p = sub.add_parser("config", help="print the resolved config (after overrides) and exit")
     _common(p)
@@ -177,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         return _on_run_dir(args)
     if args.command == "compare":
         return _compare(args)
+    if args.command == "eval-size":
+        from harness import eval_size
+
+        return eval_size.run(args)
     if args.command == "fetch-model":
         return _fetch_models(args)
     try:
