@@ -29,6 +29,10 @@ import numpy as np
 from scipy import stats
 
 
+NOISE = 1e-6
+"""Per-item differences within this fraction of the items' range count as no change."""
+
+
 class PairingError(ValueError):
     """The two sets of per-item scores are not over the same items."""
 
@@ -107,6 +111,10 @@ def mean_difference(diffs: Sequence[float], *, level: float = 0.95, power: float
     n = int(d.size)
     if n == 0:
         raise PairingError("no items to compare")
+    # Differences at floating-point noise (the same answers rated twice through float arithmetic)
+    # are no change: a t interval over them would claim a certainty nothing measured.
+    scale = half_range if half_range is not None else float(np.abs(d).max(initial=0.0))
+    d = np.where(np.abs(d) <= NOISE * max(scale, 1e-300), 0.0, d)
     changed = int((d != 0).sum())
     if binary:
         if half_range is None:

@@ -232,7 +232,6 @@ def main(argv: list[str] | None = None) -> int:
     except RunDirBusy as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BUSY
-    run.share_from = [Path(p) for p in cfg.run.share_stages_from]  # stages other runs hold under the same key
     try:
         summary = iterate(cfg, run, stop_after=stop)
     except (DataError, ModelError, RunDirError) as exc:

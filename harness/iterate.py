@@ -54,7 +54,8 @@ def planned_stages(cfg: RunConfig, with_eval: bool | None = None) -> list[str]:
 
 
 def open_run(cfg: RunConfig, run_dir: str | Path | None) -> RunDir:
-    run = RunDir(run_dir or Path(cfg.run.root) / cfg.run.name)
+    # stages other runs hold under the same key are copied in, not recomputed (run.share_stages_from)
+    run = RunDir(run_dir or Path(cfg.run.root) / cfg.run.name, share_from=cfg.run.share_stages_from)
     run.lock()  # before anything is written: a second process on this directory stops here
     (run.root / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     hardware.configure_threads(cfg.engine.threads)

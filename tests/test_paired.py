@@ -33,6 +33,14 @@ def test_identical_models_never_give_a_point_interval():
     assert q.method == "pseudo-items" and q.low < 0 < q.high
 
 
+def test_floating_point_noise_is_no_change():
+    # the same answers rated twice: preferences equal up to float arithmetic
+    base = {i: 50.0 for i in range(6)}
+    noisy = {**base, 0: 50.00001, 1: 49.99999}
+    p = paired_difference(noisy, base, bounds=(0, 100))
+    assert p.method == "pseudo-items" and p.changed == 0 and p.high - p.low > 20
+
+
 def test_continuous_items_use_student_t():
     rng = np.random.default_rng(1)
     base = {i: float(v) for i, v in enumerate(rng.uniform(0.2, 0.8, 30))}
