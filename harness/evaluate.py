@@ -90,8 +90,7 @@ def check_judge_stage(run: RunDir, cfg: RunConfig) -> StageResult:
 
     def fn(ctx: StageContext) -> dict[str, Any]:
         instructions = _instruction_set(cfg, None)
-        judge = alpaca.Judge(ev.judge, _judge_model(cfg), batch_size=ev.batch_size, device=stages.engine_device(cfg),
-                             dtype=ev.dtype)
+        judge = make_judge(cfg)
         planted = alpaca.check_judge(judge, instructions.reference, n=ev.judge_check_pairs, seed=ev.seed,
                                      min_accuracy=ev.min_judge_accuracy, out_dir=ctx.work)
         calibration = calibrate_judge(judge, cfg)
@@ -122,6 +121,15 @@ def judge_check_settings(cfg: RunConfig) -> dict[str, Any]:
             "calibration_pairs": ev.judge_calibration_pairs, "trust_margin": ev.judge_trust_margin,
             "trust": ev.judge_trust,
             **_alpaca_source_settings(cfg)}
+
+
+def make_judge(cfg: RunConfig):
+    """The configured AlpacaEval judge (its engine loads on first use)."""
+    from evals import alpaca
+
+    ev = cfg.eval
+    return alpaca.Judge(ev.judge, _judge_model(cfg), batch_size=ev.batch_size, device=stages.engine_device(cfg),
+                        dtype=ev.dtype)
 
 
 def _judge_model(cfg: RunConfig) -> str | None:
@@ -164,8 +172,7 @@ def _alpaca_metrics(cfg, prefix, model_path, out_dir: Path, cache: Path, check: 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "model_outputs.jsonl", outputs)
     del engine  # free the model before the judge loads
-    judge = alpaca.Judge(ev.judge, _judge_model(cfg), batch_size=ev.batch_size, device=stages.engine_device(cfg),
-                             dtype=ev.dtype)
+    judge = make_judge(cfg)
     result = alpaca.score_alpaca_eval(outputs, instructions, out_dir, judge=judge, cache_dir=cache,
                                       lc_data_dir=ev.alpaca_lc_data_dir, lc_download=ev.alpaca_lc_download,
                                       lc_glm=ev.alpaca_lc_glm, both_orders=ev.judge_orders == "both")

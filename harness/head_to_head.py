@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness import stages
 from harness.config import RunConfig
 from harness.rundir import RunDir, StageContext, StageResult
 from pipeline.io import read_jsonl, write_json_atomic
@@ -42,7 +41,7 @@ def head_to_head_stage(run: RunDir, cfg: RunConfig, t: int, evals: dict[int, Sta
     from evals import alpaca
     from evals.item_scores import preferences
     from evals.paired import one_sample
-    from harness.evaluate import _judge_model, eval_settings
+    from harness.evaluate import eval_settings, make_judge
 
     ev = cfg.eval
     against = opponents(cfg, t, evals)
@@ -50,8 +49,7 @@ def head_to_head_stage(run: RunDir, cfg: RunConfig, t: int, evals: dict[int, Sta
     settings = {"eval": eval_settings(cfg), "opponents": against, "power": cfg.gate.power}
 
     def fn(ctx: StageContext) -> dict[str, Any]:
-        judge = alpaca.Judge(ev.judge, _judge_model(cfg), batch_size=ev.batch_size, device=stages.engine_device(cfg),
-                             dtype=ev.dtype)
+        judge = make_judge(cfg)
         mine = read_jsonl(ctx.inputs[f"iter_{t:02d}"].path / "alpaca" / "model_outputs.jsonl")
         results: dict[str, Any] = {}
         for b in against:
