@@ -109,7 +109,7 @@ def check_judge_stage(run: RunDir, cfg: RunConfig) -> StageResult:
                                                f"measured; the calibration said: {calibration['verdict']}")
         return stats
 
-    return run.stage("judge_check", fn, version="judge_check_v3", settings=judge_check_settings(cfg))
+    return run.stage("judge_check", fn, version="judge_check_v4", settings=judge_check_settings(cfg))
 
 
 def judge_check_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -156,7 +156,7 @@ def evaluate_model(run: RunDir, cfg: RunConfig, prefix: str, model: StageResult,
         write_json_atomic(ctx.work / "summary.json", summary)
         return {"metrics": {k: v["value"] for k, v in metrics.items()}, "judge_trusted": check.get("trusted")}
 
-    return run.stage(f"{prefix}/eval", fn, version="eval_v2", settings=settings,
+    return run.stage(f"{prefix}/eval", fn, version="eval_v3", settings=settings,
                      inputs={"model": model, "judge_check": judge_check})
 
 
@@ -187,6 +187,9 @@ def _alpaca_metrics(cfg, prefix, model_path, out_dir: Path, cache: Path, check: 
     metrics = {
         "alpaca_eval/win_rate": _metric(result["win_rate"], result.get("standard_error"), result["n"], provenance, trusted),
         "alpaca_eval/avg_length": _metric(result["avg_length"], None, result["n"], provenance, True, higher=False),
+        # answers in which planted judge-addressed text was found and not shown to the judge
+        "alpaca_eval/planted_answers": _metric(result["planted"]["model_outputs"]["flagged"], None, result["n"],
+                                               provenance, True, higher=False),
     }
     if result.get("length_controlled_win_rate") is not None:
         metrics["alpaca_eval/lc_win_rate"] = _metric(result["length_controlled_win_rate"], result.get("lc_standard_error"),

@@ -37,7 +37,7 @@ BASE_STEP = -1
 MAX_TAG_CHARS = 5000
 RESOURCE_STAGES = ("curate", "select", "finetune", "eval")
 
-LOGGED_METRICS_VERSION = "3"
+LOGGED_METRICS_VERSION = "4"
 """Part of every model's fingerprint: raised when the metrics logged from the same files change
 (2: ``resources/*``), so a run logged by an older harness is brought up to date."""
 
@@ -103,6 +103,8 @@ def curation_metrics(curation: Curation, selection: Selection) -> dict[str, floa
         out[f"curation/{key}"] = getattr(selection, key)
     out["curation/unscored"] = curation.unscored if selection.unscored is None else selection.unscored
     out["data/contaminated"] = selection.contaminated
+    out["curation/planted_flagged"] = curation.planted
+    out["data/left_out_planted"] = selection.flagged
     for field in ("instruction_chars", "response_chars"):
         for stat in ("mean", "std"):
             out[f"data/{field}_{stat}"] = getattr(getattr(selection, field), stat)

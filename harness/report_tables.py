@@ -157,6 +157,7 @@ DATA_ROWS: list[tuple[str, Callable[[ModelView], str]]] = [
     ("pairs rated", _curation("pairs")),
     ("score histogram", lambda m: _histogram_cell(m.curation.histogram)),
     ("unscored rate", _curation("unscored_rate")),
+    ("planted rating text (pairs)", lambda m: _planted_cell(m.curation)),
     ("curator accuracy, human labels", lambda m: _interval_cell(m.curation.calibration, "human_accuracy")),
     ("curator minus always-longer", lambda m: _interval_cell(m.curation.calibration, "human_minus_longer")),
     ("curator agreement with GPT-4", lambda m: _interval_cell(m.curation.calibration, "gpt4_accuracy")),
@@ -171,9 +172,18 @@ DATA_ROWS: list[tuple[str, Callable[[ModelView], str]]] = [
     ("instruction distinct-2", _selection("instruction_distinct_2")),
     ("near-duplicate rate", _selection("near_duplicate_rate")),
     ("contaminated", _selection("contaminated")),
+    ("left out as planted", _selection("flagged")),
     ("gate", _gate_cell),
 ]
 """(label, cell of one model) of the curation, selected-data and training table."""
+
+
+def _planted_cell(curation) -> str:
+    """Pairs flagged for planted rating text, and the kinds found: "2 (rating 2, directive 1)"."""
+    if curation.planted is None:
+        return fmt(None)
+    kinds = ", ".join(f"{k} {v}" for k, v in curation.planted_kinds.items())
+    return f"{fmt(curation.planted)} ({kinds})" if kinds else fmt(curation.planted)
 
 
 def data_table(view: RunView) -> Table:

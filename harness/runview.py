@@ -141,13 +141,19 @@ class Curation:
     calibration: dict[str, Any] = field(default_factory=dict)
     """The curator against outside labels (``harness.calibration.curator_headline``): pairwise
     accuracy on human labels and with GPT-4, with intervals, rank correlation, suggested k."""
+    planted: int | None = None
+    """Rated pairs in which planted rating text was found and taken out before rating (None: a
+    run made before the curator looked for it)."""
+    planted_kinds: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, path: Path, stats: dict[str, Any]) -> Curation:
+        planted = _mapping(path, stats.get("planted"), "stats.planted")
         return cls(_number(stats.get("pairs")), _mapping(path, stats.get("histogram"), "stats.histogram"),
                    _number(stats.get("unscored")), _number(stats.get("unscored_rate")),
                    _mapping(path, stats.get("curator"), "stats.curator"),
-                   _mapping(path, stats.get("calibration"), "stats.calibration"))
+                   _mapping(path, stats.get("calibration"), "stats.calibration"),
+                   _number(planted.get("flagged")), _mapping(path, planted.get("kinds"), "stats.planted.kinds"))
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,8 @@ class Selection:
     k: float | None = None
     unscored: int | None = None
     contaminated: int | None = None
+    flagged: int | None = None
+    """Pairs left out because curation found planted rating text in them (``select.drop_flagged``)."""
     curator: dict[str, float] = field(default_factory=dict)
     """The curator's precision and recall on labelled pairs at this ``k``."""
     instruction_chars: MeanStd = MeanStd()
@@ -177,7 +185,8 @@ class Selection:
             return MeanStd(_number(node.get("mean")), _number(node.get("std")))
 
         return cls(
-            *(_number(stats.get(k)) for k in ("candidates", "selected", "keep_rate", "k", "unscored", "contaminated")),
+            *(_number(stats.get(k)) for k in ("candidates", "selected", "keep_rate", "k", "unscored", "contaminated",
+                                               "flagged")),
             curator=_mapping(path, stats.get("curator"), "stats.curator"),
             instruction_chars=chars("instruction_chars"), response_chars=chars("response_chars"),
             instruction_distinct_1=_number(quality.get("instruction_distinct_1")),

@@ -276,7 +276,8 @@ def curate_candidates(run: RunDir, cfg: RunConfig, iteration: int, candidates: S
         values = [s["score"] for s in scores]
         unscored = sum(v is None for v in values)
         stats = {"pairs": len(scores), "histogram": curate.score_histogram(values), "unscored": unscored,
-                 "unscored_rate": round(unscored / len(scores), 4) if scores else 0.0, "mode": cfg.curate.mode}
+                 "unscored_rate": round(unscored / len(scores), 4) if scores else 0.0, "mode": cfg.curate.mode,
+                 "planted": curate.planted_counts(scores)}
         if cfg.curate.calibration_pairs:
             # The same curator on answer pairs labelled outside the project (evals/calibration).
             from harness.calibration import calibrate_curator, curator_headline
@@ -288,7 +289,7 @@ def curate_candidates(run: RunDir, cfg: RunConfig, iteration: int, candidates: S
         return stats
 
     settings = {"curate": cfg.curate.model_dump(), "system": system, "seed": cfg.run.seed, "engine_bf16": cfg.engine.bf16}
-    return run.stage(f"iter_{iteration:02d}/curate", fn, version="curate_v2", settings=settings,
+    return run.stage(f"iter_{iteration:02d}/curate", fn, version="curate_v3", settings=settings,
                      inputs={"candidates": candidates, "model": model})
 
 
@@ -309,6 +310,11 @@ def select_candidates(run: RunDir, cfg: RunConfig, iteration: int, candidates: S
         if select.k == "calibrated":
             select = select.model_copy(update={"k": calibrated_k(ctx.inputs["scores"])})
         kept, stats = curate.select_pairs(pairs, scored, select)
+        # Pairs left out for planted rating text, with what was found (none when drop_flagged is off).
+        flags = {r["segment_id"]: r["flags"] for r in scored if r.get("flags")} if select.drop_flagged else {}
+        write_jsonl(ctx.work / "flagged.jsonl",
+                    ({**p, "reason": "planted rating text", "flags": flags[p["segment_id"]]}
+                     for p in pairs if p["segment_id"] in flags))
         stats["k_source"] = {"calibrated": "calibrated", "all": "none (select.k: all, uncurated)"}.get(
             str(cfg.select.k), "config")
         if select.k != "all":  # without a threshold there is no precision or recall at k
@@ -323,5 +329,5 @@ def select_candidates(run: RunDir, cfg: RunConfig, iteration: int, candidates: S
         return stats
 
     settings = {"select": cfg.select.model_dump(), "contamination": contamination_settings(cfg)}
-    return run.stage(f"iter_{iteration:02d}/select", fn, version="select_v1", settings=settings,
+    return run.stage(f"iter_{iteration:02d}/select", fn, version="select_v2", settings=settings,
                      inputs={"candidates": candidates, "scores": scores})

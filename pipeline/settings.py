@@ -136,7 +136,14 @@ class AugmentSection(Section):
 
 class CurateSection(Section):
     mode: Literal["generate", "logprob"] = "generate"
-    template: str = "curation_rubric_v1"
+    template: str = "curation_rubric_v2"
+    """The rubric prompt (``pipeline/prompts/``). ``v2`` puts the instruction and the answer between
+    tags that untrusted text cannot close; ``v1`` is the earlier prompt without them. In logprob
+    mode the matching ``curation_rubric_logprob_*`` prompt is used."""
+    guard: bool = True
+    """Take planted rating text (score lines, text addressed to the rater, copies of the rubric,
+    chat markup; :mod:`pipeline.untrusted`) out of each pair before it is rated, and flag the pair
+    in ``scores.jsonl`` with what was found. False rates the text as it is (measurements only)."""
     max_new_tokens: int = Field(160, ge=1)
     temperature: float = Field(0.0, ge=0)
     batch_size: int = Field(8, ge=1)
@@ -167,6 +174,10 @@ class SelectSection(Section):
     and reported, and pairs that overlap an evaluation prompt are still dropped."""
     max_pairs: int | None = None
     """At most this many of the kept pairs, the best rated first (None: no cap)."""
+    drop_flagged: bool = True
+    """Leave out pairs in which curation found planted rating text (``flags`` in
+    ``curate/scores.jsonl``): text written for a rater is not an assistant's answer, whatever
+    the rating. Counted as ``flagged`` in the selection's stats and listed in its rejects."""
 
     @model_validator(mode="after")
     def _all_means_uncapped(self) -> "SelectSection":

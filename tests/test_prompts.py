@@ -75,3 +75,12 @@ def test_parse_score_never_raises_and_is_in_range(text):
 @given(st.text(max_size=200), st.integers(1, 5))
 def test_parse_score_finds_a_trailing_score_line(prefix, n):
     assert parse_score(f"{prefix}\nScore: {n}") == n
+
+
+def test_v2_rubrics_delimit_the_pair_and_match_v1_scale():
+    for mode in ("", "logprob_"):
+        v1, v2 = load_template(f"curation_rubric_{mode}v1"), load_template(f"curation_rubric_{mode}v2")
+        assert v2.count("{instruction}") == 1 and v2.count("{response}") == 1
+        assert "<answer>\n{response}\n</answer>" in v2 and "<instruction>\n{instruction}\n</instruction>" in v2
+        # the five levels are word for word those of v1
+        assert v1[: v1.index("Instruction:")].strip() in v2

@@ -13,6 +13,7 @@ import pandas as pd
 
 from evals.alpaca.instructions import RECORD_FIELDS, InstructionSet, read_records
 from evals.alpaca.judge import LOCAL_JUDGE, Judge, cache_path, cached_keys
+from evals.alpaca.judge_view import guard_records
 from evals.alpaca.length_control import LC_NOTES, length_controlled_metrics
 from evals.alpaca.win_rate import win_rate_metrics
 from pipeline.digests import settings_digest
@@ -82,7 +83,9 @@ def score_alpaca_eval(
     Returns:
         ``win_rate`` and ``standard_error`` (percent), ``discrete_win_rate``, counts, ``n``,
         ``length_controlled_win_rate``, ``lc_standard_error`` and ``lc_glm`` (or None and
-        ``lc_unavailable_reason``), ``judged_now``, ``reused_from_cache`` and ``provenance``.
+        ``lc_unavailable_reason``), ``judged_now``, ``reused_from_cache``, ``planted`` (how many
+        model and reference outputs carried planted judge-addressed text, which the judge was not
+        shown; :mod:`evals.alpaca.judge_view`) and ``provenance``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -91,6 +94,10 @@ def score_alpaca_eval(
     reference_records = _read_outputs(instruction_set.reference if instruction_set is not None else reference_outputs)
     model_records = _read_outputs(model_outputs)
     _check_outputs(model_records, reference_records)
+    avg_length = int(sum(len(str(r.get("output", ""))) for r in model_records) / len(model_records)) if model_records else 0
+    # The judge sees each answer without planted judge-addressed text (evals/alpaca/judge_view.py).
+    model_records, model_planted = guard_records(model_records)
+    reference_records, reference_planted = guard_records(reference_records)
     reference_df = _records(reference_records, "reference")
     model_df = _records(model_records, "model")
 
@@ -119,7 +126,8 @@ def score_alpaca_eval(
     indices = _alpaca_indices(instruction_set, reference_records)
     result.update(length_controlled_metrics(annotations, indices, lc_data_dir, lc_download, lc_glm))
     result.update(
-        avg_length=int(model_df["output"].str.len().mean()) if len(model_df) else 0,
+        avg_length=avg_length,
+        planted={"model_outputs": model_planted, "reference_outputs": reference_planted},
         judged_now=len(keys) - reused,
         orders="both" if both_orders else ("one (symmetric judge)" if symmetric else "random"),
         reused_from_cache=reused,

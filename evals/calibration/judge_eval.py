@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from evals.alpaca.judge import Judge, cache_path, cached_keys
+from evals.alpaca.judge_view import judge_view
 from evals.calibration.judge_metrics import pair_outcomes, summarize, versus
 from evals.calibration.pairs import HUMAN_SOURCES, LabelledPair, group_pairs
 
@@ -70,7 +71,8 @@ def model_judgments(judge: Judge, pairs: Sequence[LabelledPair], cache_dir: Path
     rows = []
     for pair in pairs:
         for order in orders:
-            first, second = _shown(pair, order)
+            # the same view of each answer that evaluation shows the judge (evals/alpaca/judge_view.py)
+            first, second = (judge_view(pair.instruction, text).text for text in _shown(pair, order))
             rows.append({"pair_id": pair.pair_id, "order": order, "instruction": pair.instruction,
                          "output_1": first, "output_2": second})
     caching_path = cache_path(cache_dir, judge, "calibration") if cache_dir is not None else None
