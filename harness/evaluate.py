@@ -25,7 +25,7 @@ from pipeline.digests import settings_digest
 from harness.rundir import RunDir, StageContext, StageResult
 from pipeline.io import write_json_atomic
 from pipeline.memory import release_memory
-from pipeline import hardware
+from pipeline import faults, hardware
 from pipeline.io import write_jsonl
 from pipeline.models import resolve_base
 
@@ -93,6 +93,7 @@ def check_judge_stage(run: RunDir, cfg: RunConfig) -> StageResult:
         judge = make_judge(cfg)
         planted = alpaca.check_judge(judge, instructions.reference, n=ev.judge_check_pairs, seed=ev.seed,
                                      min_accuracy=ev.min_judge_accuracy, out_dir=ctx.work)
+        faults.checkpoint("judge_check.planted")
         calibration = calibrate_judge(judge, cfg)
         # Timings go to logs/ (outside the output digest): evaluations depend on this stage.
         timing = {k: planted.pop(k) for k in list(planted) if "seconds" in k}
@@ -149,8 +150,10 @@ def evaluate_model(run: RunDir, cfg: RunConfig, prefix: str, model: StageResult,
         path = stages.model_path(ctx.inputs["model"])
         check = ctx.inputs["judge_check"].stats
         metrics = _alpaca_metrics(cfg, prefix, path, ctx.work / "alpaca", run.root / "cache", check, settings)
+        faults.checkpoint("eval.judged")
         release_memory()  # the answering model and the judge are gone: return their pages first
         metrics.update(_heldout_metrics(cfg, path, ctx.work, settings))
+        faults.checkpoint("eval.heldout")
         summary = {"model": ctx.inputs["model"].name, "metrics": metrics, "judge_check": check,
                    "seconds": round(time.time() - started, 1)}
         write_json_atomic(ctx.work / "summary.json", summary)
@@ -171,6 +174,7 @@ def _alpaca_metrics(cfg, prefix, model_path, out_dir: Path, cache: Path, check: 
                                       seed=ev.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "model_outputs.jsonl", outputs)
+    faults.checkpoint("eval.answers", out_dir / "model_outputs.jsonl")
     del engine  # free the model before the judge loads
     judge = make_judge(cfg)
     result = alpaca.score_alpaca_eval(outputs, instructions, out_dir, judge=judge, cache_dir=cache,

@@ -17,6 +17,7 @@ from typing import Any
 
 from harness.config import RunConfig
 from harness.rundir import RunDir, StageContext, StageResult
+from pipeline import faults
 from pipeline.io import read_jsonl, write_json_atomic
 
 STAGE = "head_to_head"
@@ -68,6 +69,7 @@ def head_to_head_stage(run: RunDir, cfg: RunConfig, t: int, evals: dict[int, Sta
                 "mde_95": None if paired is None else paired.mde,
                 "method": None if paired is None else paired.method,
             }
+            faults.checkpoint("h2h.opponent", out)
         trusted = bool(ctx.inputs["judge_check"].stats.get("trusted"))
         summary = {"model": f"iter_{t:02d}", "against": results, "judge": judge.identity(), "trusted": trusted}
         write_json_atomic(ctx.work / SUMMARY, summary)

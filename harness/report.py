@@ -21,6 +21,8 @@ from harness.report_tables import (LC_GLM_NOTES, Table, data_table, gate_failure
                                    metric_cell, metric_notes,
                                    metric_table, peak_memory, stage_table)
 from harness.runview import RunView, as_view
+from pipeline import faults
+from pipeline.io import write_text_atomic
 
 __all__ = ["LC_GLM_NOTES", "metric_cell", "peak_memory", "render_html", "render_markdown", "stage_table",
            "summary_table", "write_report"]
@@ -181,8 +183,10 @@ def write_report(run: Path | RunView) -> dict[str, Any]:
     """
     view = as_view(run)
     plots = write_plots(view)
+    faults.checkpoint("report.plots")
     md = view.root / "report.md"
     page = view.root / "report.html"
-    md.write_text(render_markdown(view, plots), encoding="utf-8")
-    page.write_text(render_html(view, plots), encoding="utf-8")
+    write_text_atomic(md, render_markdown(view, plots))  # never a truncated report (disk full, crash)
+    faults.checkpoint("report.markdown", md)
+    write_text_atomic(page, render_html(view, plots))
     return {"markdown": md, "html": page, "plots": plots, "columns": list(view.models)}

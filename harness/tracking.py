@@ -36,6 +36,7 @@ from harness.mlflow_client import artifact_root, client as mlflow_client, defaul
 from harness.mlflow_records import TAG_CONFIG, TAG_FINGERPRINT, TAG_ITERATION, TAG_RUN_DIR
 from harness.registry import register_champion
 from harness.runview import ModelView, RunView, as_view
+from pipeline import faults
 from pipeline.digests import file_digest, settings_digest
 
 log = logging.getLogger(__name__)
@@ -227,12 +228,14 @@ def _log_iteration(client: Any, exp_id: str, parent_id: str, view: RunView, mode
     metrics = {k: v for k, v in records.iteration_metrics(model).items() if known.get(k) != v}
     # Parent first: after a crash in between, the child lacks the metric and both get it again.
     _log_metrics(client, [parent_id, run_id], metrics, records.step_of(model))
+    faults.checkpoint("mlflow.metrics")
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in records.iteration_tags(view, model).items()])
     _log_files(client, run_id, records.model_files(root, model.name))
     _log_sample(client, run_id, root / model.name / "select" / "data.jsonl")
     _log_datasets(client, run_id, _iteration_datasets(view, root, model))
     client.set_terminated(run_id)
     client.set_tag(run_id, TAG_FINGERPRINT, fp)
+    faults.checkpoint("mlflow.child")
     return run_id, created
 
 
@@ -267,6 +270,7 @@ def log_run(
         client = mlflow_client(uri)
         exp_id = _experiment(client, experiment or records.default_experiment_name(view), artifact_root(uri))
         parent_id = _parent_run(client, exp_id, view)
+        faults.checkpoint("mlflow.parent")
         children = _children(client, exp_id, parent_id)
         ids: dict[str, str] = {}
         created: list[str] = []

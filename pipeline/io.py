@@ -12,6 +12,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
+from pipeline import faults
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -21,10 +23,15 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+        faults.checkpoint("io.replace", path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temporary file behind
+        raise
     os.replace(tmp, path)
     return n
 
@@ -89,6 +96,7 @@ def chunked_map(
                 if len(rows) != len(chunk):
                     raise RuntimeError(f"{desc}: chunk {index} returned {len(rows)} rows for {len(chunk)} items")
                 write_jsonl(path, rows)
+                faults.checkpoint("chunk.committed", path)
             out.extend(rows)
             bar.update(len(chunk))
     return out
@@ -96,6 +104,18 @@ def chunked_map(
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON via a temporary file and an atomic rename."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) via a temporary file and an atomic rename: a crash or a full disk
+    leaves the old content or the new, never a truncated file (the temporary one is removed when
+    the write fails)."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        faults.checkpoint("io.replace", path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
