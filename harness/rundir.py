@@ -5,7 +5,12 @@ Each stage writes into ``<name>.partial/`` and is committed by renaming that fol
 when ``<name>/.done`` exists and the manifest's cache key (stage version, settings digest, input
 digests) equals the key asked for, so a killed process can never leave something that is later
 taken as finished. A partial folder whose key matches is handed back to the stage, which may
-reuse the chunks it already committed there.
+reuse the chunks it already committed there; temporary files of writes the crash cut short
+(``*.tmp<pid>``) are removed first, so they never become outputs. An earlier commit of the stage
+(another key) is moved aside in one rename before the new folder takes its name, and deleted
+after, so no crash leaves a half-deleted folder that still has ``.done``. The fault sites of
+:mod:`pipeline.faults` (``commit.before``, ``commit.old_moved``, ``commit.after``) let tests kill
+a run at each of these steps.
 
 Runs can share stages (``run.share_stages_from``): before computing a stage, the run directories
 named there are searched for the same stage committed under exactly the same cache key; the first
@@ -21,6 +26,7 @@ import logging
 import os
 import socket
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -29,9 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline import memory
+from pipeline import faults, memory
 from pipeline.digests import combine_digests, package_versions, settings_digest, tree_digests
-from pipeline.io import write_json_atomic
+from pipeline.io import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,10 @@ KEY = ".key"
 SCRATCH = "_scratch"
 LOGS = "logs"  # recorded in the manifest but left out of the output digest (timings differ per run)
 LOCK = ".lock"
+OLD = ".old"  # an earlier commit of a stage, moved aside while the new one takes its name
+ORPHAN = re.compile(r".+\.tmp\d+")
+"""Temporary files of the project's atomic writes (``<name>.tmp<pid>``): one still there in a
+partial folder is a write that a crash cut short."""
 
 _HELD: dict[str, int] = {}
 """Run directories this process holds the lock of (resolved path -> open file descriptor)."""
@@ -152,7 +162,11 @@ class RunDir:
         final = self.path(name)
         if not (final / DONE).exists():
             return None
-        manifest = json.loads((final / MANIFEST).read_text(encoding="utf-8"))
+        try:
+            manifest = json.loads((final / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # never taken as finished: the stage is run again
+            log.warning("stage %s: %s has .done but no readable manifest (%s); running it again", name, final, exc)
+            return None
         return StageResult(name, final, manifest, skipped=True)
 
     def stage(
@@ -164,6 +178,16 @@ class RunDir:
         settings: dict[str, Any],
         inputs: dict[str, StageResult] | None = None,
     ) -> StageResult:
+        with faults.stage_scope(name):  # fault sites inside can be named per stage (tests)
+            try:
+                return self._stage(name, fn, version=version, settings=settings, inputs=inputs)
+            except Exception as exc:
+                if faults.write_error(exc) is not None:  # a full or read-only disk: say where it struck
+                    exc.add_note(f"while stage {name} was running (its work so far: {self.path(name)}.partial)")
+                raise
+
+    def _stage(self, name: str, fn: StageFn, *, version: str, settings: dict[str, Any],
+               inputs: dict[str, StageResult] | None) -> StageResult:
         inputs = inputs or {}
         key = self.cache_key(name, version, settings, inputs)
         final = self.path(name)
@@ -172,6 +196,8 @@ class RunDir:
         done = self.load(name)
         if done is not None and done.manifest.get("cache_key") == key:
             log.info("stage %s: cached (key %s), skipping", name, key)
+            if final.with_name(final.name + OLD).exists():  # left by a crash just after its commit
+                shutil.rmtree(final.with_name(final.name + OLD), ignore_errors=True)
             self.results[name] = done
             return done
         if (work / DONE).exists() and _read(work / KEY) == key:
@@ -183,6 +209,10 @@ class RunDir:
 
         if work.exists() and _read(work / KEY) != key:
             shutil.rmtree(work)
+        elif work.exists():  # resumed: the chunks and checkpoints stay, writes cut short go
+            for orphan in [p for p in work.rglob("*") if ORPHAN.fullmatch(p.name) and p.is_file()]:
+                log.info("stage %s: removing %s, a write cut short by the crash", name, orphan)
+                orphan.unlink()
         work.mkdir(parents=True, exist_ok=True)
         (work / KEY).write_text(key)
 
@@ -229,7 +259,7 @@ class RunDir:
             "packages": package_versions(TRACKED_PACKAGES),
         }
         write_json_atomic(work / MANIFEST, manifest)
-        (work / DONE).write_text(key)
+        write_text_atomic(work / DONE, key)
         return self._commit(name, work, final)
 
     def _take_shared(self, name: str, key: str, final: Path, work: Path) -> StageResult | None:
@@ -283,9 +313,17 @@ class RunDir:
         return None
 
     def _commit(self, name: str, work: Path, final: Path) -> StageResult:
+        faults.checkpoint("commit.before", work)
+        old = final.with_name(final.name + OLD)
         if final.exists():
-            shutil.rmtree(final)
+            # Out of the way in one rename, deleted once the new folder is in place: removing it
+            # in place could be cut short, leaving a half-deleted folder that still has .done.
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            faults.checkpoint("commit.old_moved", old)
         os.replace(work, final)
+        faults.checkpoint("commit.after", final)
+        shutil.rmtree(old, ignore_errors=True)
         result = StageResult(name, final, json.loads((final / MANIFEST).read_text(encoding="utf-8")))
         self.results[name] = result
         return result
