@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +17,11 @@ from typing import Any, Sequence
 
 import torch
 from datasets import Dataset
-from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+from transformers import (DataCollatorForSeq2Seq, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments,
+                          set_seed)
 
 from pipeline.settings import TrainSection
-from pipeline import hardware
+from pipeline import faults, hardware
 from pipeline.dropout import use_lane_dropout
 from pipeline.models import load_model, load_tokenizer
 
@@ -202,6 +204,18 @@ class TargetLossTrainer(Trainer):
             return target_only_loss(model, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"],
                                     num_items_in_batch)
 
+    def _save_optimizer_and_scheduler(self, output_dir):
+        # Between the checkpoint's weights and the rest of it: a fault site (pipeline.faults).
+        faults.checkpoint("train.checkpoint", output_dir)
+        super()._save_optimizer_and_scheduler(output_dir)
+
+
+class FaultSites(TrainerCallback):
+    """The end of every optimizer step as a fault site (:mod:`pipeline.faults`); inert otherwise."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        faults.checkpoint("train.step")
+
 
 def training_model(base: str, cfg: TrainSection, bf16: bool):
     """The model to train: for LoRA, adapters (kept in fp32) on a frozen base; for full
@@ -280,9 +294,8 @@ def finetune(
     )
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE, return_tensors="pt")
     trainer = TargetLossTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                                processing_class=tokenizer)
-    checkpoints = sorted((scratch / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    resume = str(checkpoints[-1]) if checkpoints else None
+                                processing_class=tokenizer, callbacks=[FaultSites()])
+    resume = last_complete_checkpoint(scratch / "trainer")
     if resume:
         log.info("resuming training from %s", resume)
     started = time.time()
@@ -314,6 +327,23 @@ def finetune(
         "resumed_from": resume,
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
     }
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The latest trainer checkpoint in ``folder`` that was saved whole, or None.
+
+    The Trainer writes a checkpoint's files in place and ``trainer_state.json`` last, so a process
+    killed while saving leaves a folder without it (or with it cut short); resuming from that
+    would fail on every later run. Such folders are removed and the one before is taken."""
+    checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    for checkpoint in reversed(checkpoints):
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+            return str(checkpoint)
+        except (OSError, ValueError):
+            log.warning("trainer checkpoint %s was not saved whole (cut short by a crash); removing it", checkpoint)
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
 
 
 def _top_layers(model, n: int | None) -> list[int] | None:
