@@ -20,6 +20,7 @@ EXIT_CONFIG = 2
 EXIT_DATA = 3
 EXIT_GATE = 4
 EXIT_BUSY = 5
+EXIT_WRITE = 6
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -33,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="humpback",
         description="Instruction backtranslation (Humpback) with an evaluation-first harness.",
         epilog="Exit status: 0 done, 2 bad config, 3 unusable data or model, 4 a gate failed, 5 the run "
-               "directory is in use by another process. Config keys: " + ", ".join(valid_keys()),
+               "directory is in use by another process, 6 a file could not be written (disk full, read-only "
+               "file system, quota; the message names it). Config keys: " + ", ".join(valid_keys()),
     )
     parser.add_argument("--log-level", default=os.environ.get("HUMPBACK_LOG", "INFO"))
     sub = parser.add_subparsers(dest="command", required=True)
@@ -177,6 +179,32 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return _command(args)
+    except Exception as exc:
+        from pipeline.faults import write_error
+
+        error = write_error(exc)
+        if error is None:
+            raise
+        print(_write_error_message(error, exc), file=sys.stderr)
+        return EXIT_WRITE
+
+
+def _write_error_message(error: OSError, exc: BaseException) -> str:
+    """What could not be written, why (the OS's words), and what the run directory holds now."""
+    import errno
+
+    paths = [p for p in (error.filename, error.filename2) if p is not None]
+    where = " -> ".join(map(str, paths)) if paths else "a file (the library writing it did not say which)"
+    notes = "".join(f"\n  {note}" for note in getattr(exc, "__notes__", ()))
+    return (f"error: cannot write {where}: {error.strerror} ({errno.errorcode.get(error.errno, error.errno)}){notes}\n"
+            f"Nothing unfinished was committed: make room (or make the file system writable) and run the same "
+            f"command again; finished stages are kept, and the stage that was running starts again from its "
+            f"committed chunks and checkpoints.")
+
+
+def _command(args) -> int:
     if args.command in ("gate", "report"):
         return _on_run_dir(args)
     if args.command == "compare":
@@ -316,7 +344,7 @@ def _on_run_dir(args) -> int:
 
 def _redecide_gates(root, cfg) -> int:
     """``humpback gate``: each iteration whose selection is committed, in order, until one fails."""
-    from harness.gate import decide_iteration, write_gate
+    from harness.gate import decide_augmentation, decide_iteration, write_gate
     from harness.runview import RunDirError, read_run
 
     try:
@@ -326,9 +354,14 @@ def _redecide_gates(root, cfg) -> int:
         return EXIT_DATA
     for t in range(1, cfg.iterate.iterations + 1):
         it = view.model(f"iter_{t:02d}")
-        if not it.committed("select"):
+        if it.committed("select"):
+            result = decide_iteration(view, cfg, t, evaluated=it.committed("eval"))
+        elif t == 1 and "augment" in view.stages:  # the loop stops after augmentation when its yield fails
+            result = decide_augmentation(view.stages["augment"].stats, cfg)
+            if result.passed:
+                break
+        else:
             break
-        result = decide_iteration(view, cfg, t, evaluated=it.committed("eval"))
         write_gate(root, t, result)
         print(f"iter_{t:02d}: {'PASS' if result.passed else 'FAIL'}")
         for d in result.decisions:

@@ -16,7 +16,7 @@ from harness.head_to_head import head_to_head_stage
 from harness.rundir import RunDir, StageResult
 from harness.runview import read_run
 from pipeline.io import write_json_atomic
-from pipeline import hardware
+from pipeline import faults, hardware
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,9 @@ def finish(run_root: Path, cfg: RunConfig) -> None:
     try:
         view = read_run(run_root)
         report.write_report(view)
-    except Exception:  # noqa: BLE001 - a broken plot must not hide a finished run
+    except Exception as exc:  # noqa: BLE001 - a broken plot must not hide a finished run
+        if faults.write_error(exc) is not None:
+            raise  # a full or read-only disk: the command says so (exit status 6); a rerun writes it
         log.exception("writing the report failed; the run directory is complete")
     if (cfg.tracking.uri or "").lower() == "off":
         return
