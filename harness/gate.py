@@ -297,6 +297,14 @@ def augment_yield_check(stats: dict[str, Any], max_reject_rate: float) -> Decisi
                     max_reject_rate)
 
 
+def decide_augmentation(stats: dict[str, Any], cfg: RunConfig) -> GateResult:
+    """Augmentation's yield alone, decided as soon as the augment stage is committed: a corpus that
+    loses too many segments stops the loop there, before M0 is trained or a pair rated. Recorded
+    as iteration 1's gate (the first that the candidates feed), not yet evaluated."""
+    return decide([augment_yield_check(stats, cfg.gate.max_augment_reject_rate)], baseline=cfg.gate.baseline,
+                  evaluated=False)
+
+
 # --------------------------------------------------------------------------- on a run directory
 
 
