@@ -371,4 +371,6 @@ def head_to_head_file(root: Path, t: int, b: int) -> Path:
 
 
 def write_gate(run_root: Path, t: int, result: GateResult) -> None:
-    write_json_atomic(Path(run_root) / f"iter_{t:02d}" / GATE, result.as_dict())
+    folder = Path(run_root) / f"iter_{t:02d}"
+    folder.mkdir(parents=True, exist_ok=True)  # a gate decided after augmentation comes before iter_01's stages
+    write_json_atomic(folder / GATE, result.as_dict())

@@ -106,7 +106,8 @@ def iterate(cfg: RunConfig, run: RunDir, stop_after: str | None = None) -> dict[
         check = done(evaluate.check_judge_stage(run, cfg)) if cfg.eval.enabled else None
         score("base", base)                                           # the untuned base model
         backward = done(stages.train_backward(run, cfg, seed, base))  # M_yx: response -> instruction
-        candidates = done(stages.augment_corpus(run, cfg, segments, backward))  # self-augmentation
+        candidates = done(stages.augment_corpus(run, cfg, seed, segments, backward))  # self-augmentation
+        check_augment_gate(run, cfg, candidates)                      # enough usable instructions?
         model = done(stages.train_forward(run, cfg, 0, seed, base, None))       # M0: seed only
         score("iter_00", model)
         for t in range(1, cfg.iterate.iterations + 1):
@@ -140,6 +141,19 @@ def check_gate(run: RunDir, cfg: RunConfig, t: int, evaluated: bool) -> None:
         (log.warning if loud else log.info)("gate iter_%02d %s: %s", t, "pass" if d.passed else "FAIL", d.message())
     if not result.passed:
         raise GateFailed(t, result)
+
+
+def check_augment_gate(run: RunDir, cfg: RunConfig, augmented: StageResult) -> None:
+    """Augmentation's yield, checked as soon as it is known rather than after curation: above
+    ``gate.max_augment_reject_rate`` the loop stops, and ``iter_01/gate.json`` says why."""
+    if not cfg.gate.enabled:
+        return
+    result = gate.decide_augmentation(augmented.stats, cfg)
+    for d in result.decisions:
+        (log.info if d.passed else log.warning)("gate augment %s: %s", "pass" if d.passed else "FAIL", d.message())
+    if not result.passed:
+        gate.write_gate(run.root, 1, result)
+        raise GateFailed(1, result)
 
 
 def finish(run_root: Path, cfg: RunConfig) -> None:

@@ -224,20 +224,28 @@ def train_forward(
     return train(run, f"iter_{iteration:02d}/finetune", chats, cfg, "finetune", inputs)
 
 
-def augment_corpus(run: RunDir, cfg: RunConfig, segments: StageResult, backward: StageResult) -> StageResult:
+def augment_corpus(run: RunDir, cfg: RunConfig, seed: StageResult, segments: StageResult,
+                   backward: StageResult) -> StageResult:
+    """An instruction for every segment, within a new-token budget measured on the seed's
+    instructions (``augment.max_new_tokens: auto``); rejects counted by reason."""
+
     def fn(ctx: StageContext) -> dict[str, Any]:
         rows = read_jsonl(ctx.inputs["corpus"].path / "data.jsonl")
         engine = make_engine(model_path(ctx.inputs["backward"]), cfg, cfg.augment.batch_size)
+        budget, budget_stats = instruction_budget(engine, ctx.inputs["seed"], cfg)
+        settings = cfg.augment.model_copy(update={"max_new_tokens": budget})
         out = chunked_map(
             rows,
             lambda i, chunk: augment.generate_instructions(
-                engine, chunk, cfg.augment, cfg.backward.template, seed=cfg.run.seed * 100_003 + i
+                engine, chunk, settings, cfg.backward.template, seed=cfg.run.seed * 100_003 + i
             ),
             work=ctx.scratch / "progress", chunk_size=cfg.augment.chunk_size, desc="augment",
         )
         kept = [r for r in out if r["rejected"] is None]
-        write_jsonl(ctx.work / "candidates.jsonl", ({k: v for k, v in r.items() if k != "rejected"} for r in kept))
+        write_jsonl(ctx.work / "candidates.jsonl", (augment.candidate(r) for r in kept))
         write_jsonl(ctx.work / "rejects.jsonl", (r for r in out if r["rejected"] is not None))
+        salvaged = [r for r in kept if r.get("salvaged_from")]
+        write_jsonl(ctx.work / "salvaged.jsonl", salvaged)
         reasons: dict[str, int] = {}
         for r in out:
             if r["rejected"]:
@@ -245,14 +253,37 @@ def augment_corpus(run: RunDir, cfg: RunConfig, segments: StageResult, backward:
         if not kept:
             raise data.DataError(f"augmentation produced no usable instruction for {len(out)} segments: {reasons} "
                                  f"('unfinished': the backward model did not end its instruction within "
-                                 f"augment.max_new_tokens)")
+                                 f"{budget} new tokens)")
         return {"segments": len(out), "generated": len(kept), "rejected": dict(sorted(reasons.items())),
+                "salvaged": len(salvaged), "budget": budget_stats,
+                "instruction_tokens": augment.length_summary([r["new_tokens"] for r in kept]),
                 "new_tokens": engine.stats["new_tokens"]}
 
     settings = {"augment": cfg.augment.model_dump(), "template": cfg.backward.template, "seed": cfg.run.seed,
                 "engine_bf16": cfg.engine.bf16}
-    return run.stage("augment", fn, version="augment_v1", settings=settings,
-                     inputs={"corpus": segments, "backward": backward})
+    return run.stage("augment", fn, version="augment_v2", settings=settings,
+                     inputs={"corpus": segments, "backward": backward, "seed": seed})
+
+
+def instruction_budget(engine: TransformersEngine, seed: StageResult, cfg: RunConfig) -> tuple[int, dict[str, Any]]:
+    """Augmentation's new-token budget and how it was set, measured on the seed's instructions with
+    the backward model's tokenizer; logged, and warned about when a fixed budget cuts seed ones."""
+    tokenizer = engine.tokenizer
+    lengths = augment.instruction_token_lengths(
+        lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+        [r["instruction"] for r in read_jsonl(seed.path / "data.jsonl")])
+    budget, info = augment.token_budget(lengths, cfg.augment)
+    s = info["seed_instruction_tokens"]
+    how = (f"p{cfg.augment.budget_quantile * 100:g} {info['quantile_tokens']} x {cfg.augment.budget_margin:g}"
+           if info["source"] == "auto" else "augment.max_new_tokens")
+    log.info("augment: budget %d new tokens (%s); seed instructions in the backward model's tokens, end of turn "
+             "included: n=%d, median %s, p90 %s, p95 %s, max %s", budget, how, s["n"], s["p50"], s["p90"], s["p95"],
+             s["max"])
+    if info["seed_over_budget"]:
+        log.warning("augment: %d of %d seed instructions are longer than the budget of %d new tokens: instructions "
+                    "like theirs would be cut (augment.max_new_tokens: auto sets it from them)",
+                    info["seed_over_budget"], s["n"], budget)
+    return budget, info
 
 
 def curate_candidates(run: RunDir, cfg: RunConfig, iteration: int, candidates: StageResult, model: StageResult) -> StageResult:

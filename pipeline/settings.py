@@ -122,13 +122,26 @@ class TrainSection(Section):
 class AugmentSection(Section):
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(0.9, gt=0, le=1)
-    max_new_tokens: int = Field(96, ge=1)
+    max_new_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    """New-token budget of one instruction. ``auto``: the ``budget_quantile`` quantile of the seed
+    instructions' lengths in the backward model's tokens (end of turn included), times
+    ``budget_margin``, rounded up. The backward model writes instructions like the seed's, so the
+    budget follows what instructions need rather than what one corpus happened to need; the
+    distribution and the budget are logged and kept in the augment stage's stats (``budget``)."""
+    budget_quantile: float = Field(0.95, gt=0, le=1)
+    budget_margin: float = Field(2.0, ge=1)
     batch_size: int = Field(8, ge=1)
     chunk_size: int = Field(64, ge=1)
     """Results are committed to disk every chunk, so a crash loses at most one chunk."""
     min_instruction_chars: int = 8
     drop_unfinished: bool = True
-    """Drop instructions that were cut off at ``max_new_tokens`` (counted as ``unfinished``)."""
+    """Drop instructions that were cut off at ``max_new_tokens`` (counted as ``unfinished``). With
+    a budget well above nearly every seed instruction, such an instruction does not end: it
+    rambles on, repeats itself, or turns into a summary of its segment."""
+    salvage_unfinished: bool = False
+    """Keep the first paragraph of an unfinished instruction when a blank line closes it after a
+    finished sentence and it passes every other check (the row keeps the full text as
+    ``salvaged_from``; counted as ``salvaged``, listed in ``augment/salvaged.jsonl``)."""
     max_echo_overlap: float = Field(0.8, gt=0, le=1)
     """An instruction whose word 4-grams are at least this share copied from its segment is an
     echo and is dropped."""
