@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= configs/demo.yaml
 ARGS   ?=
 
-.PHONY: help setup test test-fast test-gpu iterate-and-eval ablations bench bench-check bench-baseline mlflow-ui clean clean-runs
+.PHONY: help setup test test-fast test-gpu test-kill iterate-and-eval ablations bench bench-check bench-baseline mlflow-ui clean clean-runs
 
 help:
 	@echo "make iterate-and-eval   run the demo loop (CONFIG=$(CONFIG), extra overrides in ARGS='key=value ...')"
@@ -17,6 +17,7 @@ help:
 	@echo "make test               run the test suite (offline, CPU)"
 	@echo "make test-fast          tests without the end-to-end runs"
 	@echo "make test-gpu           only the GPU tests (tests/test_cuda.py); they skip without a CUDA device"
+	@echo "make test-kill          the long kill sweep: humpback iterate SIGKILLed at every fault site (pipeline/faults.py), resumed, compared"
 	@echo "make setup              create $(VENV) and install everything"
 	@echo "make bench              throughput benchmarks on SmolLM2-135M (table + JSON in benchmarks/results/); builds llama-cpp-python once for the llama.cpp reference"
 	@echo "make bench-check        short benchmark run, fails below the committed baseline's tolerance"
@@ -44,6 +45,10 @@ test-fast: $(STAMP)
 
 test-gpu: $(STAMP)
 	$(VENV)/bin/pytest -q -rs -m cuda
+
+# Every fault site of pipeline/faults.py at several call counts (make test runs a short sweep).
+test-kill: $(STAMP)
+	HUMPBACK_KILL_SWEEP=full $(VENV)/bin/pytest -q -s tests/test_kill_sweep.py
 
 iterate-and-eval: $(STAMP)
 	$(VENV)/bin/humpback iterate --config $(CONFIG) $(ARGS)
