@@ -96,7 +96,8 @@ def check_judge_stage(run: RunDir, cfg: RunConfig) -> StageResult:
         faults.checkpoint("judge_check.planted")
         calibration = calibrate_judge(judge, cfg)
         # Timings go to logs/ (outside the output digest): evaluations depend on this stage.
-        timing = {k: planted.pop(k) for k in list(planted) if "seconds" in k}
+        # (how many judgments the cache already held differs after a resume, not the result: timing too)
+        timing = {k: planted.pop(k) for k in list(planted) if "seconds" in k or k == "judged_now"}
         timing["calibration"] = calibration.pop("timing")
         (ctx.work / "logs").mkdir(exist_ok=True)
         write_json_atomic(ctx.work / "logs" / "timing.json", timing)
