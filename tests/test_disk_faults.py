@@ -254,13 +254,33 @@ def test_write_error_finds_the_disk_in_any_exception():
 # --------------------------------------------------------------------------- known holes elsewhere
 
 
-@pytest.mark.xfail(strict=True, reason="alpaca_eval writes its judgment cache in place (DataFrame.to_json): a "
-                                       "crash or a full disk mid-write leaves a truncated file that every later "
-                                       "run fails to read; evals/alpaca/judge.py (HarnessPairwiseAnnotator.save/"
-                                       "load_) should write it atomically and read a broken one as empty")
 def test_a_judge_cache_cut_short_is_not_fatal(tmp_path):
     from evals import alpaca
 
     cache = tmp_path / "judge_cache.json"
     cache.write_text('[{"instruction": "a", "output_1": "b", "output_2": "c", "preference": 1.0}, {"instr')
     alpaca.Judge("humpback_longest_fake").annotator(caching_path=cache)
+    kept = list(tmp_path.glob("judge_cache.json.unreadable-*"))
+    assert not cache.exists() and len(kept) == 1 and kept[0].read_text().endswith('{"instr')
+
+
+def test_the_judge_cache_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from evals import alpaca
+
+    cache = tmp_path / "judge_cache.json"
+    annotator = alpaca.Judge("humpback_longest_fake").annotator(caching_path=cache)
+    rows = pd.DataFrame([{"instruction": "i", "output_1": "short", "output_2": "much longer"}])
+    annotator.annotate_pairs(rows)
+    before = cache.read_text()
+    assert '"preference"' in before
+
+    def full_disk(self, path, *args, **kwargs):
+        Path(path).write_text("[{")  # part of it, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(pd.DataFrame, "to_json", full_disk)
+    with pytest.raises(OSError):
+        annotator.save()
+    assert cache.read_text() == before and list(tmp_path.iterdir()) == [cache]

@@ -215,10 +215,39 @@ class HarnessPairwiseAnnotator(PairwiseAnnotator):
 
     def load_(self, path: Any = None) -> None:
         """Read the cache with preferences as floats: ``pd.read_json`` makes a column of only 1.0
-        and 2.0 integers, and pandas 3 then refuses alpaca_eval's assignment of 1.5 to it."""
-        super().load_(path)
+        and 2.0 integers, and pandas 3 then refuses alpaca_eval's assignment of 1.5 to it.
+
+        A cache that cannot be read (cut short by a crash before caches were written atomically,
+        or damaged by hand) is moved aside as ``<name>.unreadable-<time>`` and judging starts from
+        an empty cache: the judgments are redone, nothing is lost silently."""
+        try:
+            super().load_(path)
+        except ValueError as err:
+            broken = Path(path or self.caching_path)
+            aside = broken.with_name(f"{broken.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
+            os.replace(broken, aside)
+            log.warning("judge cache %s cannot be read (%s); moved to %s, judging from an empty cache",
+                        broken, str(err)[:200], aside)
+            self.df_annotations = None
         if self.df_annotations is not None and self.annotation_key in self.df_annotations.columns:
             self.df_annotations[self.annotation_key] = self.df_annotations[self.annotation_key].astype(float)
+
+    def save(self, path: Any = None) -> None:
+        """alpaca_eval's save, written to a temporary file and renamed over the cache, so a crash or
+        a full disk mid-write leaves the previous cache whole."""
+        path = path or self.caching_path
+        if path is None:
+            return
+        self._refresh_annotations_()
+        if not self.is_store_missing_annotations:
+            self.df_annotations = self.df_annotations[~self.df_annotations[self.annotation_key].isna()]
+        path = Path(path)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        try:
+            self.df_annotations.to_json(tmp, orient="records", indent=2)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 @functools.lru_cache(maxsize=8)
