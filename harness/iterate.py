@@ -15,7 +15,7 @@ from harness.config import RunConfig, dump_config
 from harness.head_to_head import head_to_head_stage
 from harness.rundir import RunDir, StageResult
 from harness.runview import read_run
-from pipeline.io import write_json_atomic
+from pipeline.io import write_json_atomic, write_text_atomic
 from pipeline import faults, hardware
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def open_run(cfg: RunConfig, run_dir: str | Path | None) -> RunDir:
     # stages other runs hold under the same key are copied in, not recomputed (run.share_stages_from)
     run = RunDir(run_dir or Path(cfg.run.root) / cfg.run.name, share_from=cfg.run.share_stages_from)
     run.lock()  # before anything is written: a second process on this directory stops here
-    (run.root / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    write_text_atomic(run.root / "config.yaml", dump_config(cfg))  # humpback report/gate read it any time
     hardware.configure_threads(cfg.engine.threads)
     run.write_env()
     return run
