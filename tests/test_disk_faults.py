@@ -276,11 +276,9 @@ def test_the_judge_cache_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     before = cache.read_text()
     assert '"preference"' in before
 
-    def full_disk(self, path, *args, **kwargs):
-        Path(path).write_text("[{")  # part of it, then the disk is full
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-
-    monkeypatch.setattr(pd.DataFrame, "to_json", full_disk)
+    # the disk fills up once the new cache is written out, before it replaces the old one
+    monkeypatch.setenv(faults.FAULT_ENV, "io.replace:1:ENOSPC")
+    faults.reset_counts()
     with pytest.raises(OSError):
         annotator.save()
     assert cache.read_text() == before and list(tmp_path.iterdir()) == [cache]

@@ -40,6 +40,7 @@ import torch
 from evals.alpaca.library import PairwiseAnnotator, SinglePairwiseAnnotator, ae_constants, ae_utils, alpaca_eval
 from pipeline.digests import file_digest, model_dir_digest, settings_digest
 from pipeline.engine import Engine, TransformersEngine
+from pipeline.io import write_text_atomic
 from pipeline.models import load_model, load_tokenizer, resolve_base
 
 log = logging.getLogger(__name__)
@@ -233,21 +234,15 @@ class HarnessPairwiseAnnotator(PairwiseAnnotator):
             self.df_annotations[self.annotation_key] = self.df_annotations[self.annotation_key].astype(float)
 
     def save(self, path: Any = None) -> None:
-        """alpaca_eval's save, written to a temporary file and renamed over the cache, so a crash or
-        a full disk mid-write leaves the previous cache whole."""
+        """alpaca_eval's save, written atomically (:func:`pipeline.io.write_text_atomic`), so a crash
+        or a full disk mid-write leaves the previous cache whole."""
         path = path or self.caching_path
         if path is None:
             return
         self._refresh_annotations_()
         if not self.is_store_missing_annotations:
             self.df_annotations = self.df_annotations[~self.df_annotations[self.annotation_key].isna()]
-        path = Path(path)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        try:
-            self.df_annotations.to_json(tmp, orient="records", indent=2)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_text_atomic(Path(path), self.df_annotations.to_json(orient="records", indent=2))
 
 
 @functools.lru_cache(maxsize=8)

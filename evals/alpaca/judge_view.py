@@ -12,7 +12,7 @@ from typing import Any, Iterable
 
 from pipeline.untrusted import Guarded, add_counts, guard
 
-_ASKS_FOR_RATING = re.compile(r"\b(?:rate|rating|ratings|score|scores|grade|stars?|out\s+of\s+\d+)\b", re.IGNORECASE)
+_ASKS_FOR_RATING = re.compile(r"\b(?:rate|rating|ratings|score|scores|grade|out\s+of\s+\d+)\b", re.IGNORECASE)
 
 
 def judge_view(instruction: str, output: str) -> Guarded:
