@@ -122,16 +122,28 @@ def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-def _tidy(text: str) -> str:
-    """Whitespace after spans were cut out: no line of only spaces, at most one blank line in a
-    row, no leading or trailing blank space."""
-    lines = [line.rstrip() if line.strip() else "" for line in text.split("\n")]
-    out: list[str] = []
-    for line in lines:
-        if line == "" and (not out or out[-1] == ""):
-            continue
-        out.append(re.sub(r"[ \t]{2,}", " ", line).lstrip(" ") if line else line)
-    return "\n".join(out).strip()
+def _join(pieces: list[str]) -> str:
+    """The pieces left between cut spans, joined with whitespace tidied only where a cut was:
+    spaces and tabs at either side of a cut dropped, at most one blank line across it, a space
+    where a cut fell inside a line, and no blank space left at the text's ends by a cut. Text away
+    from the cuts keeps its exact characters, so a planted twin reads like its clean twin."""
+    out = pieces[0]
+    for i, right in enumerate(pieces[1:], start=1):
+        left = out.rstrip(" \t")
+        right = right.lstrip(" \t")
+        nl_left = len(left) - len(left.rstrip("\n"))
+        nl_right = len(right) - len(right.lstrip("\n"))
+        left, right = left[:len(left) - nl_left], right[nl_right:]
+        left = left.rstrip(" \t")
+        right = right.lstrip(" \t")
+        if not left.strip():  # the cut was at the start of the text
+            out = right
+        elif not right.strip() and i == len(pieces) - 1:  # the cut was at its end
+            out = left
+        else:
+            newlines = min(nl_left + nl_right, 2)
+            out = left + ("\n" * newlines if newlines else " ") + right
+    return out
 
 
 def guard(text: str, allow: tuple[str, ...] = ()) -> Guarded:
@@ -174,7 +186,7 @@ def guard(text: str, allow: tuple[str, ...] = ()) -> Guarded:
         pieces.append(text[last:start])
         last = end
     pieces.append(text[last:])
-    return Guarded(_tidy("".join(pieces)), found)
+    return Guarded(_join(pieces), found)
 
 
 def add_counts(total: dict[str, int], found: dict[str, int]) -> dict[str, int]:
