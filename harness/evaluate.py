@@ -111,7 +111,7 @@ def check_judge_stage(run: RunDir, cfg: RunConfig) -> StageResult:
                                                f"measured; the calibration said: {calibration['verdict']}")
         return stats
 
-    return run.stage("judge_check", fn, version="judge_check_v4", settings=judge_check_settings(cfg))
+    return run.stage("judge_check", fn, version="judge_check_v5", settings=judge_check_settings(cfg))
 
 
 def judge_check_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -160,7 +160,7 @@ def evaluate_model(run: RunDir, cfg: RunConfig, prefix: str, model: StageResult,
         write_json_atomic(ctx.work / "summary.json", summary)
         return {"metrics": {k: v["value"] for k, v in metrics.items()}, "judge_trusted": check.get("trusted")}
 
-    return run.stage(f"{prefix}/eval", fn, version="eval_v3", settings=settings,
+    return run.stage(f"{prefix}/eval", fn, version="eval_v4", settings=settings,
                      inputs={"model": model, "judge_check": judge_check})
 
 

@@ -75,4 +75,4 @@ def head_to_head_stage(run: RunDir, cfg: RunConfig, t: int, evals: dict[int, Sta
         write_json_atomic(ctx.work / SUMMARY, summary)
         return {"win_rate_vs": {k: v["win_rate"] for k, v in results.items()}, "trusted": trusted}
 
-    return run.stage(f"iter_{t:02d}/{STAGE}", fn, version="head_to_head_v2", settings=settings, inputs=inputs)
+    return run.stage(f"iter_{t:02d}/{STAGE}", fn, version="head_to_head_v3", settings=settings, inputs=inputs)

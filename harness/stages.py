@@ -320,7 +320,7 @@ def curate_candidates(run: RunDir, cfg: RunConfig, iteration: int, candidates: S
         return stats
 
     settings = {"curate": cfg.curate.model_dump(), "system": system, "seed": cfg.run.seed, "engine_bf16": cfg.engine.bf16}
-    return run.stage(f"iter_{iteration:02d}/curate", fn, version="curate_v3", settings=settings,
+    return run.stage(f"iter_{iteration:02d}/curate", fn, version="curate_v4", settings=settings,
                      inputs={"candidates": candidates, "model": model})
 
 
