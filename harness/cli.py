@@ -1,6 +1,6 @@
 """Command-line entry point: ``humpback iterate``, ``humpback stage``, ``humpback eval``,
 ``humpback judge-eval``, ``humpback curator-eval``, ``humpback compare``, ``humpback eval-size``, ``humpback config``,
-``humpback fetch-model``.
+``humpback fetch-model``, ``humpback prepare-seed``.
 
 Run as: humpback --help
 """
@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     from harness import eval_size
 
     eval_size.add_parser(sub)
+
+    from harness import prepare_seed
+
+    prepare_seed.add_parser(sub)
 
     p = sub.add_parser("config", help="print the resolved config (after overrides) and exit")
     _common(p)
@@ -213,6 +217,10 @@ def _command(args) -> int:
         from harness import eval_size
 
         return eval_size.run(args)
+    if args.command == "prepare-seed":
+        from harness import prepare_seed
+
+        return prepare_seed.run(args)
     if args.command == "fetch-model":
         return _fetch_models(args)
     try:
