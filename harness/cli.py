@@ -1,6 +1,6 @@
 """Command-line entry point: ``humpback iterate``, ``humpback stage``, ``humpback eval``,
 ``humpback judge-eval``, ``humpback curator-eval``, ``humpback compare``, ``humpback eval-size``, ``humpback config``,
-``humpback fetch-model``, ``humpback prepare-seed``.
+``humpback fetch-model``, ``humpback plan``, ``humpback prepare-seed``.
 
 Run as: humpback --help
 """
@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     eval_size.add_parser(sub)
 
-    from harness import prepare_seed
+    from harness import plan, prepare_seed
 
+    plan.add_parser(sub)
     prepare_seed.add_parser(sub)
 
     p = sub.add_parser("config", help="print the resolved config (after overrides) and exit")
@@ -217,10 +218,10 @@ def _command(args) -> int:
         from harness import eval_size
 
         return eval_size.run(args)
-    if args.command == "prepare-seed":
-        from harness import prepare_seed
+    if args.command in ("plan", "prepare-seed"):
+        from harness import plan, prepare_seed
 
-        return prepare_seed.run(args)
+        return (plan if args.command == "plan" else prepare_seed).run(args)
     if args.command == "fetch-model":
         return _fetch_models(args)
     try:
