@@ -20,7 +20,7 @@ from harness.rundir import RunDir, StageContext, StageResult
 from pipeline.digests import model_dir_digest
 from pipeline import augment, corpus, curate, data, hardware
 from pipeline.engine import TransformersEngine
-from pipeline.finetune import finetune
+from pipeline.finetune import cache_settings, finetune
 from pipeline.io import chunked_map, read_jsonl, write_json_atomic, write_jsonl
 from pipeline.models import is_adapter, load_model, load_tokenizer, resolve_base
 from pipeline.prompts import backward_messages, forward_messages
@@ -188,7 +188,7 @@ def train(run: RunDir, name: str, chats_fn, cfg: RunConfig, section: str, inputs
         return {"train_pairs": len(chats), **stats}
 
     settings = {
-        "train": {k: v for k, v in train_cfg.model_dump().items() if k != "inference_tag"},
+        "train": {k: v for k, v in cache_settings(train_cfg).items() if k != "inference_tag"},
         "chat_template": cfg.model.chat_template,
         "seed": cfg.run.seed,
     }

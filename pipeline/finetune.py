@@ -3,12 +3,17 @@
 Every example is a chat whose last message is the assistant's target. The prompt part (all
 messages before it, rendered with the model's chat template) carries label -100; only the target
 and the template's end-of-turn marker are learned.
+
+With ``processes`` above 1 the training runs data-parallel in that many processes
+(:mod:`pipeline.finetune_launch` starts them, :mod:`pipeline.finetune_worker` is each one);
+:func:`run_training` is the same code in both cases.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -19,6 +24,7 @@ import torch
 from datasets import Dataset
 from transformers import (DataCollatorForSeq2Seq, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments,
                           set_seed)
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from pipeline.settings import TrainSection
 from pipeline import faults, hardware
@@ -196,18 +202,63 @@ class TargetLossTrainer(Trainer):
     :func:`target_only_loss`)."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if return_outputs or not supports_target_only_loss(model):
+        inner = self.accelerator.unwrap_model(model)
+        # FSDP and ZeRO-3 shard the weights and gather them in hooks around the model's own forward:
+        # the decoder and output projection cannot be reached past it, so they keep the stock loss.
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        if return_outputs or sharded or not supports_target_only_loss(inner):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        # Mixed precision is applied by accelerate around the model's own forward; the decoder and
-        # output projection called directly need its autocast context explicitly.
-        with self.accelerator.autocast():
-            return target_only_loss(model, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"],
-                                    num_items_in_batch)
+
+        def loss(**_):
+            # Mixed precision is applied by accelerate around the model's own forward; the decoder
+            # and output projection called directly need its autocast context explicitly.
+            with self.accelerator.autocast():
+                return target_only_loss(inner, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"],
+                                        num_items_in_batch)
+
+        if model is inner:
+            return loss()
+        # DDP synchronises gradients only for a pass through its own forward: the loss goes through it.
+        with _forward_replaced(inner, loss):
+            value = model(input_ids=inputs["input_ids"])
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # Each process's loss is its targets' sum over the targets of all processes, and DDP
+            # averages gradients over processes: scaled back, the step's gradient is that of the
+            # global batch's mean, as in one process (transformers does the same for its own loss).
+            value = value * self.accelerator.num_processes
+        return value
+
+    def _get_train_sampler(self, train_dataset=None):
+        # Length grouping shuffles megabatches of a multiple of the batch size; the size is the
+        # global batch (one process's examples per optimizer step times the processes), so that
+        # every process count sees the examples in the same order.
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            sampler.batch_size = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return sampler
 
     def _save_optimizer_and_scheduler(self, output_dir):
         # Between the checkpoint's weights and the rest of it: a fault site (pipeline.faults).
         faults.checkpoint("train.checkpoint", output_dir)
         super()._save_optimizer_and_scheduler(output_dir)
+
+
+class _forward_replaced:
+    """Within the block, ``module``'s forward is ``fn`` (restoring whatever instance attribute
+    accelerate's mixed precision may have put there)."""
+
+    def __init__(self, module, fn):
+        self.module, self.fn = module, fn
+
+    def __enter__(self):
+        self.saved = self.module.__dict__.get("forward")
+        self.module.forward = self.fn
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            del self.module.forward
+        else:
+            self.module.forward = self.saved
 
 
 class FaultSites(TrainerCallback):
@@ -259,51 +310,116 @@ def finetune(
     chat_template: str | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``base`` on ``chats`` and save the result (a LoRA adapter or full weights,
-    safetensors) plus the tokenizer to ``out_dir``. Returns training statistics."""
+    safetensors) plus the tokenizer to ``out_dir``. Returns training statistics.
+
+    Resumes from the last whole checkpoint in ``scratch`` (``save_steps``), in one process or
+    several."""
+    resume = last_complete_checkpoint(scratch / "trainer")
+    if cfg.processes > 1:
+        from pipeline.finetune_launch import launch
+
+        return launch(base, chats, cfg, out_dir, scratch, seed, chat_template, resume)
+    return run_training(base, chats, cfg, out_dir, scratch, seed, chat_template, resume)
+
+
+def per_process_batch(cfg: TrainSection, world: int) -> tuple[int, int]:
+    """One process's micro-batch and accumulation steps: together over ``world`` processes, the
+    global batch ``batch_size * grad_accum``."""
+    if cfg.batch_size % world == 0:
+        return cfg.batch_size // world, cfg.grad_accum
+    if cfg.grad_accum % world == 0:
+        return cfg.batch_size, cfg.grad_accum // world
+    raise ValueError(f"a global batch of {cfg.batch_size} x {cfg.grad_accum} cannot be split over {world} processes")
+
+
+def training_arguments(cfg: TrainSection, scratch: Path, seed: int, bf16: bool, world: int) -> TrainingArguments:
+    """The Trainer's arguments; with ``world`` 1 exactly those of single-process training."""
+    micro, accum = per_process_batch(cfg, world)
+    extra: dict[str, Any] = {}
+    if cfg.min_learning_rate:  # linear to a floor: transformers' polynomial decay of power 1
+        extra |= {"lr_scheduler_type": "polynomial",
+                  "lr_scheduler_kwargs": {"lr_end": cfg.min_learning_rate, "power": 1.0}}
+    if cfg.gradient_checkpointing:
+        extra |= {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False}}
+    if world > 1:
+        extra |= {"ddp_backend": None if torch.cuda.is_available() else "gloo", "ddp_find_unused_parameters": False}
+        if cfg.distributed == "fsdp":
+            extra |= {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True,
+                                                    "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                                                    "state_dict_type": "FULL_STATE_DICT"}}
+        elif cfg.distributed == "deepspeed":
+            extra["deepspeed"] = {
+                "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+                "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "gradient_clipping": "auto",
+            }
+    return TrainingArguments(**{
+        "output_dir": str(scratch / "trainer"),
+        "per_device_train_batch_size": micro,
+        "gradient_accumulation_steps": accum,
+        "num_train_epochs": cfg.epochs,
+        "max_steps": cfg.max_steps,
+        "learning_rate": cfg.learning_rate,
+        "lr_scheduler_type": cfg.lr_scheduler,
+        "warmup_steps": cfg.warmup_ratio,  # a float below 1 is a ratio of total steps (transformers 5)
+        "weight_decay": cfg.weight_decay,
+        "optim": "adamw_torch",
+        "bf16": bf16,
+        "use_cpu": not torch.cuda.is_available(),
+        "train_sampling_strategy": "group_by_length" if cfg.group_by_length else "random",
+        "length_column_name": "length",
+        "save_strategy": "steps" if cfg.save_steps > 0 else "no",
+        "save_steps": cfg.save_steps if cfg.save_steps > 0 else 500,
+        "save_only_model": False,
+        "logging_steps": cfg.logging_steps,
+        "report_to": "none",
+        "seed": seed,
+        "data_seed": seed,
+        "dataloader_num_workers": 0,
+        "remove_unused_columns": False,
+        "disable_tqdm": False,
+        **extra,
+    })
+
+
+def run_training(
+    base: str,
+    chats: Sequence[list[dict[str, str]]],
+    cfg: TrainSection,
+    out_dir: Path,
+    scratch: Path,
+    seed: int,
+    chat_template: str | None,
+    resume: str | None,
+) -> dict[str, Any]:
+    """Train in this process, alone or as one of ``WORLD_SIZE`` data-parallel processes (set by
+    the launcher). The first process writes the model, the log and the statistics it returns;
+    the others return None."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     set_seed(seed)
     tokenizer = load_tokenizer(base, chat_template)
     tokenizer.padding_side = "right"
     dataset, counts = build_dataset(chats, tokenizer, cfg.max_seq_len)
     bf16 = hardware.use_bf16(cfg.bf16)
     model = training_model(base, cfg, bf16)
-    args = TrainingArguments(
-        output_dir=str(scratch / "trainer"),
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of total steps (transformers 5)
-        weight_decay=cfg.weight_decay,
-        optim="adamw_torch",
-        bf16=bf16,
-        use_cpu=not torch.cuda.is_available(),
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        length_column_name="length",
-        save_strategy="steps" if cfg.save_steps > 0 else "no",
-        save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
-        save_only_model=False,
-        logging_steps=cfg.logging_steps,
-        report_to="none",
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        disable_tqdm=False,
-    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    args = training_arguments(cfg, scratch, seed, bf16, world)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE, return_tensors="pt")
     trainer = TargetLossTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                                 processing_class=tokenizer, callbacks=[FaultSites()])
-    resume = last_complete_checkpoint(scratch / "trainer")
     if resume:
         log.info("resuming training from %s", resume)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - started
 
+    # Sharded weights are gathered by every process; only the first writes them.
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled else None
+    if not trainer.is_world_process_zero():
+        return None
     out_dir.mkdir(parents=True, exist_ok=True)
-    trainer.model.save_pretrained(out_dir, safe_serialization=True)
+    saved = trainer.accelerator.unwrap_model(trainer.model)
+    saved.save_pretrained(out_dir, safe_serialization=True, **({"state_dict": state} if state is not None else {}))
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(out_dir)
     if cfg.method == "lora":
@@ -325,8 +441,28 @@ def finetune(
         "seconds": round(seconds, 2),
         "tokens_per_second": round(counts["tokens"] * epochs / seconds, 1) if seconds > 0 else None,
         "resumed_from": resume,
-        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-    }
+        "trainable_parameters": trainable,
+    } | ({"processes": world, "distributed": _strategy(trainer)} if world > 1 else {}) | (
+        {"activation_checkpointing": saved.is_activation_checkpointing} if cfg.gradient_checkpointing else {})
+
+
+def _strategy(trainer: Trainer) -> str:
+    """How the processes shared the model, as accelerate set it up (not as asked)."""
+    if trainer.is_fsdp_enabled:
+        return f"fsdp{trainer.accelerator.state.fsdp_plugin.fsdp_version}"
+    if trainer.is_deepspeed_enabled:
+        return "deepspeed"
+    return type(trainer.model_wrapped).__name__  # DistributedDataParallel
+
+
+ADDED_SETTINGS = {"min_learning_rate": 0.0, "gradient_checkpointing": False, "processes": 1, "distributed": "ddp"}
+"""Training settings added after runs were made, with the values that train as before them."""
+
+
+def cache_settings(cfg: TrainSection) -> dict[str, Any]:
+    """The section's settings for a stage's cache key: those of :data:`ADDED_SETTINGS` only where
+    they differ from the values that train as before, so that earlier runs stay cached."""
+    return {k: v for k, v in cfg.model_dump().items() if k not in ADDED_SETTINGS or v != ADDED_SETTINGS[k]}
 
 
 def last_complete_checkpoint(folder: Path) -> str | None:

@@ -117,6 +117,31 @@ class TrainSection(Section):
     save_steps: int = 0
     """Write a resumable trainer checkpoint every N optimizer steps (0: none)."""
     logging_steps: int = 10
+    min_learning_rate: float = Field(0.0, ge=0)
+    """With ``lr_scheduler: linear``, the rate decays linearly to this instead of to 0 (the paper's
+    full fine-tuning: 1e-5 down to 9e-6)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them: less memory, more time."""
+    processes: int = Field(1, ge=1)
+    """Data-parallel training processes (one per GPU; on a CPU each takes a share of the cores,
+    gloo backend). 1 trains in this process. More launches them with ``torch.distributed.run`` and
+    keeps the global batch, ``batch_size`` x ``grad_accum``, whatever their number: each process
+    takes ``batch_size / processes`` examples per micro-batch (or, when that does not divide,
+    ``grad_accum / processes`` micro-batches per step)."""
+    distributed: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    """How several processes share the model: ``ddp`` (a full copy each), ``fsdp`` (weights,
+    gradients and optimizer state sharded; FSDP2) or ``deepspeed`` (ZeRO-3; needs the ``deepspeed``
+    package)."""
+
+    @model_validator(mode="after")
+    def _schedule_and_split(self) -> "TrainSection":
+        if self.min_learning_rate and (self.lr_scheduler != "linear" or self.min_learning_rate >= self.learning_rate):
+            raise ValueError(f"min_learning_rate ({self.min_learning_rate}) needs lr_scheduler 'linear' (not "
+                             f"'{self.lr_scheduler}') and a learning_rate above it ({self.learning_rate})")
+        if self.batch_size % self.processes and self.grad_accum % self.processes:
+            raise ValueError(f"{self.processes} processes cannot share a global batch of batch_size {self.batch_size} x "
+                             f"grad_accum {self.grad_accum} equally: one of the two must be a multiple of processes")
+        return self
 
 
 class AugmentSection(Section):
