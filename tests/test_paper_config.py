@@ -17,7 +17,9 @@ def test_paper_config_validates_offline_with_the_papers_settings():
     assert cfg.iterate.iterations == 2
     for section in (cfg.finetune, cfg.backward):
         assert section.method == "full" and section.learning_rate == 1e-5 and section.weight_decay == 0.1
-        assert section.batch_size * section.grad_accum == 32
+        assert section.batch_size * section.grad_accum == 32  # global, whatever the process count
+        assert section.lr_scheduler == "linear" and section.min_learning_rate == 9e-6
+        assert section.distributed == "fsdp" and section.processes > 1
     assert cfg.finetune.seed_tag == "Answer in the style of an AI Assistant."
     assert cfg.finetune.web_tag == "Answer with knowledge from web search."
     assert cfg.finetune.inference_tag == "seed"
