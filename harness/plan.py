@@ -26,6 +26,9 @@ from harness.plan_work import Figures, Work, count_work
 LORA_TRAIN_SHARE = 2 / 3
 """LoRA's work per token relative to full fine-tuning's: no weight gradients for the frozen base,
 about 4 instead of 6 x parameters FLOPs (assumed; the CPU's measured rate is LoRA's)."""
+RECOMPUTE_FACTOR = 8 / 6
+"""Gradient checkpointing runs the forward pass again in the backward pass: about 8 instead of 6 x
+parameters FLOPs per token (assumed)."""
 FULL_TRAIN_BYTES_PER_PARAM = 16
 """Full fine-tuning holds fp32 weights, gradients and AdamW's two moments: 16 bytes a parameter."""
 
@@ -110,7 +113,7 @@ def _seconds(work: Work, rates: dict[str, R.Rate], hw: R.Hardware) -> float:
         trained_as = "lora" if hw.name == "cpu" else "full"  # what the rate was measured or assumed for
         if work.method != trained_as:
             rate = rate / LORA_TRAIN_SHARE if work.method == "lora" else rate * LORA_TRAIN_SHARE
-        return work.train_tokens / rate
+        return work.train_tokens / rate * (RECOMPUTE_FACTOR if work.recompute else 1.0)
     return work.prompt_tokens / rates["prefill"].tokens_per_s + work.new_tokens / rates["decode"].tokens_per_s
 
 
@@ -185,6 +188,13 @@ def render(plan: Plan) -> str:
     lines.append(f"{unit}-hours at {plan.devices[0]} {unit}; with more, wall time divides by the devices (ideal "
                  f"data parallelism, assumed; never below one item per device) and {unit}-hours stay the same. "
                  f"Judging (AlpacaEval, head to head, calibration) and data preparation are not included.")
+    if any(r.work.recompute for r in plan.rows):
+        lines.append("gradient checkpointing: training priced at 8/6 of its plain work (the forward pass runs twice; "
+                     "assumed)")
+    trained_as = "lora" if plan.hardware.name == "cpu" else "full"
+    if any(r.work.kind == "train" and r.work.method != trained_as for r in plan.rows):
+        lines.append(f"{'full fine-tuning' if trained_as == 'lora' else 'LoRA'} priced from the {trained_as} rate "
+                     f"at 6 vs 4 x parameters FLOPs per token (assumed)")
     lines.append("per-item figures:")
     for key, value in plan.figures.values.items():
         shown = f"{value:,.0f}" if value >= 1000 else f"{value:.4g}"

@@ -32,6 +32,8 @@ class Work:
     train_tokens: float = 0.0
     method: str = ""
     """``full`` or ``lora`` for training work."""
+    recompute: bool = False
+    """Training with gradient checkpointing: the forward pass runs twice."""
     note: str = ""
 
 
@@ -156,11 +158,12 @@ def count_work(cfg: RunConfig, corpus_segments: int | None = None, keep_rate: fl
     pair_tokens = tok(fig["seed_instruction_chars"] + fig["seed_response_chars"]) + over
     work = [
         Work("backward", "train", seed_n, train_tokens=_train_tokens(seed_n, pair_tokens, cfg.backward),
-             method=cfg.backward.method, note=f"{cfg.backward.epochs:g} epochs on {seed_n:,} seed pairs"),
+             method=cfg.backward.method, recompute=cfg.backward.gradient_checkpointing,
+             note=f"{cfg.backward.epochs:g} epochs on {seed_n:,} seed pairs"),
         Work("augment", "generate", segments, prompt_tokens=segments * (tok(_template_chars("backward_v1") + seg) + over),
              new_tokens=segments * instr, note="one instruction per segment"),
         Work("iter_00/finetune", "train", seed_n, train_tokens=_train_tokens(seed_n, pair_tokens, cfg.finetune),
-             method=cfg.finetune.method, note="M0: the seed alone"),
+             method=cfg.finetune.method, recompute=cfg.finetune.gradient_checkpointing, note="M0: the seed alone"),
     ]
     candidates = round(segments * yield_)
     calibration = (cfg.curate.calibration_pairs or 0) * R.CALIBRATION_SOURCES * R.RATINGS_PER_CALIBRATION_PAIR
@@ -184,7 +187,8 @@ def count_work(cfg: RunConfig, corpus_segments: int | None = None, keep_rate: fl
                             f"bound)" if new else "; logprob: one forward pass each")))
         n = seed_n + selected
         work.append(Work(f"iter_{t:02d}/finetune", "train", n, train_tokens=_train_tokens(n, example_tokens, cfg.finetune),
-                         method=cfg.finetune.method, note=f"M{t}: {seed_n:,} seed + {selected:,} curated pairs"))
+                         method=cfg.finetune.method, recompute=cfg.finetune.gradient_checkpointing,
+                         note=f"M{t}: {seed_n:,} seed + {selected:,} curated pairs"))
     if cfg.eval.enabled:
         work.extend(_eval_work(cfg, fig, tok, warnings))
     return work, fig, warnings
