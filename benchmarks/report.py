@@ -123,6 +123,10 @@ def ratios(results: dict) -> dict[str, Any]:
         out["answer_engine_vs_llama_cpp"] = _ratio(results, "answer", "llama_cpp_answer")
     if "answer_hf_generate" in wl:
         out["answer_engine_vs_hf_generate"] = _ratio(results, "answer", "answer_hf_generate")
+    if "vllm_answer" in wl:
+        out["answer_engine_vs_vllm"] = _ratio(results, "answer", "vllm_answer")
+    if "vllm_augment" in wl:
+        out["augment_engine_vs_vllm"] = _ratio(results, "augment", "vllm_augment")
     return out
 
 
@@ -148,6 +152,12 @@ def targets(results: dict) -> list[dict[str, Any]]:
     row = _target("engine vs llama.cpp (answer, new tok/s)", llama, 1.0, "x")
     if llama is None:
         row["note"] = "llama.cpp not available: " + results.get("unavailable", {}).get("llama_cpp", "not measured")
+    rows.append(row)
+    # Below 1, vLLM is the faster engine on this hardware and should be engine.backend's default here.
+    vllm = r.get("answer_engine_vs_vllm")
+    row = _target("engine vs vLLM (answer, new tok/s)", vllm, 1.0, "x")
+    if vllm is None:
+        row["note"] = "vLLM not available: " + results.get("unavailable", {}).get("vllm", "not measured")
     rows.append(row)
     return rows
 
@@ -230,6 +240,8 @@ def _ratio_lines(r: dict) -> list[str]:
         "lora_bf16_vs_fp32": "LoRA step: bf16 (bf16 base, autocast) vs fp32 (tok/s)",
         "answer_engine_vs_llama_cpp": "answer: engine vs llama.cpp",
         "answer_engine_vs_hf_generate": "answer: engine vs transformers generate",
+        "answer_engine_vs_vllm": "answer: engine vs vLLM (same prompts)",
+        "augment_engine_vs_vllm": "augment: engine vs vLLM (same prompts)",
     }
     for key, label in labels.items():
         if key in r:

@@ -171,3 +171,45 @@ def test_llama_cpp(run_timed, bench, profile, engine):
     bench.add("llama_cpp_answer", path=(f"llama-cpp-python {llama_cpp.__version__}, {gguf.name} (Q4_1), one prompt "
                                         f"at a time, first {len(chats)} answer prompts, {n} new tokens forced"),
               counts="new_tokens", dtype="bf16", rounds=rounds)
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(bench, profile, model_path, engine):
+    """vLLM (its own environment, ``make vllm-env``) on the benchmarked model, in the project
+    engine's dtype; skipped, and said so in the table, where it cannot start."""
+    if profile.name == "quick":
+        pytest.skip("vLLM is a reference for the full profile, not part of the regression check")
+    from pipeline.vllm_engine import VllmEngine, VllmUnavailable
+
+    dtype = "bfloat16" if engine_dtype(engine) == "bf16" else "float32"
+    try:
+        eng = VllmEngine(model_path, engine.tokenizer, dtype=dtype, device="cpu", kv_cache_gib=4,
+                         max_num_seqs=profile.batch_size)
+    except VllmUnavailable as exc:
+        bench.unavailable["vllm"] = str(exc).splitlines()[0]
+        pytest.skip("vLLM not available: " + bench.unavailable["vllm"])
+    yield eng
+    eng.close()
+
+
+def _vllm_generation(run_timed, bench, profile, eng, name, chats, params, what):
+    rounds = run_timed(lambda: engine_generate_round(eng, chats, params), profile.rounds)
+    want = len(chats) * params.max_new_tokens
+    assert all(r.new_tokens == want for r in rounds), (
+        f"{name}: forcing {params.max_new_tokens} new tokens failed ({[r.new_tokens for r in rounds]} of {want})")
+    bench.add(name, path=f"vLLM {eng.version} ({eng.dtype}, at most {profile.batch_size} sequences at once, "
+                         f"prefix caching); {what}", counts="new_tokens",
+              dtype="bf16" if eng.dtype == "bfloat16" else "fp32", rounds=rounds)
+
+
+def test_vllm_augment(run_timed, bench, profile, vllm_engine):
+    chats = augment_chats(profile)
+    what = (f"the augment workload's {len(chats)} prompts, {profile.augment_new_tokens} new tokens forced, "
+            "T=0.7 top-p 0.9")
+    _vllm_generation(run_timed, bench, profile, vllm_engine, "vllm_augment", chats, _augment_params(profile), what)
+
+
+def test_vllm_answer(run_timed, bench, profile, vllm_engine):
+    chats = answer_chats(profile)
+    what = f"the answer workload's {len(chats)} prompts, {profile.answer_new_tokens} new tokens forced, greedy"
+    _vllm_generation(run_timed, bench, profile, vllm_engine, "vllm_answer", chats, _answer_params(profile), what)

@@ -50,7 +50,7 @@ def eval_settings(cfg: RunConfig) -> dict[str, Any]:
     if ev["heldout_tasks"] or ev["heldout_hub_tasks"]:
         # The engine's answers to lm-eval's requests carry a version of their own.
         out["heldout_generation"] = "engine_v1" if ev["heldout_generation"] == "engine" else "lm_eval"
-    return {**out, **_alpaca_source_settings(cfg), **_hub_task_settings(cfg)}
+    return {**out, **_alpaca_source_settings(cfg), **_hub_task_settings(cfg), **stages.backend_settings(cfg)}
 
 
 def _alpaca_source_settings(cfg: RunConfig) -> dict[str, Any]:

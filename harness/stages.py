@@ -7,6 +7,7 @@ to :meth:`RunDir.stage` are exactly those that change its output.
 
 from __future__ import annotations
 
+import json
 import logging
 from functools import lru_cache
 from pathlib import Path
@@ -19,7 +20,7 @@ from evals import quality
 from harness.rundir import RunDir, StageContext, StageResult
 from pipeline.digests import model_dir_digest
 from pipeline import augment, corpus, curate, data, hardware
-from pipeline.engine import TransformersEngine
+from pipeline.engine import Engine, TransformersEngine
 from pipeline.finetune import cache_settings, finetune
 from pipeline.io import chunked_map, read_jsonl, write_json_atomic, write_jsonl
 from pipeline.models import is_adapter, load_model, load_tokenizer, resolve_base
@@ -51,8 +52,11 @@ def system_prompt(cfg: RunConfig) -> str | None:
     return {"seed": ft.seed_tag, "web": ft.web_tag, "both": f"{ft.seed_tag} {ft.web_tag}", "none": None}[ft.inference_tag]
 
 
-def make_engine(model_path: str, cfg: RunConfig, batch_size: int) -> TransformersEngine:
+def make_engine(model_path: str, cfg: RunConfig, batch_size: int) -> Engine:
+    """The engine a stage generates and scores with (``engine.backend``)."""
     hardware.configure_threads(cfg.engine.threads)
+    if engine_backend(cfg) == "vllm":
+        return make_vllm_engine(model_path, cfg)
     # bf16 weights, not autocast: autocast would re-cast every fp32 weight at every decoding step.
     dtype = torch.bfloat16 if engine_bf16(cfg) else torch.float32
     # A plain model loads in its engine dtype, so no fp32 copy of it ever exists (a 7B model: 14
@@ -62,6 +66,51 @@ def make_engine(model_path: str, cfg: RunConfig, batch_size: int) -> Transformer
     model = model.to(device=engine_device(cfg), dtype=dtype)
     tokenizer = load_tokenizer(model_path, cfg.model.chat_template)
     return TransformersEngine(model, tokenizer, batch_size=batch_size, kv_cache_gib=cfg.engine.kv_cache_gib)
+
+
+def make_vllm_engine(model_path: str, cfg: RunConfig) -> Engine:
+    """vLLM serving ``model_path``: a LoRA adapter is served on its base, never merged."""
+    from pipeline.vllm_engine import VllmEngine
+
+    base, adapter = model_path, None
+    if is_adapter(model_path):
+        adapter = model_path
+        base = json.loads((Path(model_path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    device = torch.device(engine_device(cfg)).type
+    kv = cfg.engine.kv_cache_gib
+    if device == "cpu" and kv == "auto":
+        kv = hardware.kv_cache_budget_gib("auto", torch.device("cpu"))
+    e = cfg.engine
+    return VllmEngine(base, load_tokenizer(model_path, cfg.model.chat_template), adapter=adapter,
+                      dtype="bfloat16" if engine_bf16(cfg) else "float32", device=device, python=e.vllm_python,
+                      kv_cache_gib=kv if device == "cpu" and isinstance(kv, (int, float)) else None,
+                      tensor_parallel_size=e.tensor_parallel_size, gpu_memory_utilization=e.gpu_memory_utilization,
+                      enforce_eager=e.vllm_enforce_eager, seed=cfg.run.seed)
+
+
+def engine_backend(cfg: RunConfig) -> str:
+    """``engine.backend`` resolved: ``auto`` is vLLM on a GPU when its environment is found (said
+    in the log when it is not), else the in-process engine."""
+    backend = cfg.engine.backend
+    if backend != "auto":
+        return backend
+    if torch.device(engine_device(cfg)).type != "cuda":
+        return "transformers"
+    from pipeline.vllm_engine import VllmUnavailable, find_python
+
+    try:
+        find_python(cfg.engine.vllm_python)
+    except VllmUnavailable as exc:
+        log.warning("engine.backend auto: the in-process engine on the GPU, since %s", exc)
+        return "transformers"
+    return "vllm"
+
+
+def backend_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The engine backend as a stage setting, present only when it is not the in-process engine
+    (so stages computed before backends existed stay valid)."""
+    backend = engine_backend(cfg)
+    return {} if backend == "transformers" else {"engine_backend": backend}
 
 
 def engine_device(cfg: RunConfig) -> str:
@@ -260,7 +309,7 @@ def augment_corpus(run: RunDir, cfg: RunConfig, seed: StageResult, segments: Sta
                 "new_tokens": engine.stats["new_tokens"]}
 
     settings = {"augment": cfg.augment.model_dump(), "template": cfg.backward.template, "seed": cfg.run.seed,
-                "engine_bf16": cfg.engine.bf16}
+                "engine_bf16": cfg.engine.bf16, **backend_settings(cfg)}
     return run.stage("augment", fn, version="augment_v2", settings=settings,
                      inputs={"corpus": segments, "backward": backward, "seed": seed})
 
@@ -319,7 +368,8 @@ def curate_candidates(run: RunDir, cfg: RunConfig, iteration: int, candidates: S
             stats["calibration"] = curator_headline(result)
         return stats
 
-    settings = {"curate": cfg.curate.model_dump(), "system": system, "seed": cfg.run.seed, "engine_bf16": cfg.engine.bf16}
+    settings = {"curate": cfg.curate.model_dump(), "system": system, "seed": cfg.run.seed, "engine_bf16": cfg.engine.bf16,
+                **backend_settings(cfg)}
     return run.stage(f"iter_{iteration:02d}/curate", fn, version="curate_v4", settings=settings,
                      inputs={"candidates": candidates, "model": model})
 

@@ -200,31 +200,10 @@ class TransformersEngine:
         return stopped
 
     def _completion(self, tokens: list[int], params: SamplingParams) -> Completion:
-        eos = set(self._eos_ids())
-        cut = len(tokens)
-        finished = False
-        for j, tok in enumerate(tokens):
-            if tok in eos:
-                cut, finished = j, True
-                break
-        text = self.tokenizer.decode(tokens[:cut], skip_special_tokens=True)
-        for stop in self._stops(params):
-            pos = text.find(stop)
-            if pos >= 0:
-                text, finished = text[:pos], True
-        return Completion(text=text.strip(), finished=finished, new_tokens=cut)
+        return completion_from_tokens(self.tokenizer, tokens, self._eos_ids(), self._stops(params))
 
     def _split_choices(self, text: str, prefix: str, choices: Sequence[str]) -> tuple[list[int], list[int]]:
-        """Where the choices first differ as tokens: the shared ids to feed, and one token id per
-        choice. Works whatever the tokenizer does with spaces and digits."""
-        seqs = self._encode([text + prefix + c for c in choices])
-        common = 0
-        while all(len(s) > common for s in seqs) and len({s[common] for s in seqs}) == 1:
-            common += 1
-        heads = [s[common] if len(s) > common else -1 for s in seqs]
-        if -1 in heads or len(set(heads)) != len(heads):
-            raise ValueError(f"choices {list(choices)} do not start with distinct tokens after {prefix!r}")
-        return seqs[0][:common], heads
+        return split_choices(self.tokenizer, text, prefix, choices)
 
     @torch.inference_mode()
     def choice_probs(self, chats: Sequence[Chat], prefix: str, choices: Sequence[str]) -> list[list[float]]:
@@ -242,6 +221,40 @@ class TransformersEngine:
             for row, i in enumerate(batch):
                 out[i] = [float(probs[row, t]) for t in heads[i]]
         return out
+
+
+def completion_from_tokens(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[int], eos_ids: Sequence[int],
+                           stops: Sequence[str]) -> Completion:
+    """A row's new tokens as a :class:`Completion`: cut at the first EOS, decoded without special
+    tokens, cut at the first stop string; finished when either was found. Every engine reads its
+    tokens this way, so engines that draw the same tokens return the same texts."""
+    eos = set(eos_ids)
+    cut = len(tokens)
+    finished = False
+    for j, tok in enumerate(tokens):
+        if tok in eos:
+            cut, finished = j, True
+            break
+    text = tokenizer.decode(list(tokens[:cut]), skip_special_tokens=True)
+    for stop in stops:
+        pos = text.find(stop)
+        if pos >= 0:
+            text, finished = text[:pos], True
+    return Completion(text=text.strip(), finished=finished, new_tokens=cut)
+
+
+def split_choices(tokenizer: PreTrainedTokenizerBase, text: str, prefix: str,
+                  choices: Sequence[str]) -> tuple[list[int], list[int]]:
+    """Where the choices first differ as tokens after ``text + prefix``: the shared ids to feed,
+    and one token id per choice. Works whatever the tokenizer does with spaces and digits."""
+    seqs = [tokenizer(text + prefix + c, add_special_tokens=False)["input_ids"] for c in choices]
+    common = 0
+    while all(len(s) > common for s in seqs) and len({s[common] for s in seqs}) == 1:
+        common += 1
+    heads = [s[common] if len(s) > common else -1 for s in seqs]
+    if -1 in heads or len(set(heads)) != len(heads):
+        raise ValueError(f"choices {list(choices)} do not start with distinct tokens after {prefix!r}")
+    return seqs[0][:common], heads
 
 
 def turn_end_stops(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:

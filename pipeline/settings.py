@@ -238,6 +238,21 @@ class BackwardSection(TrainSection):
 
 
 class EngineSection(Section):
+    backend: Literal["auto", "transformers", "vllm"] = "auto"
+    """Who generates and scores: ``transformers`` (the in-process engine, pipeline/engine.py) or
+    ``vllm`` (pipeline/vllm_engine.py: vLLM in its own environment, ``make vllm-env``; continuous
+    batching, prefix caching, tensor parallelism, LoRA adapters served on their base). ``auto``:
+    vLLM on a GPU when its environment is found, the in-process engine on a CPU, where it measured
+    faster (benchmarks, docs/measurements.md)."""
+    vllm_python: str | None = None
+    """The interpreter of vLLM's environment (default: $HUMPBACK_VLLM_PYTHON, else
+    ``.venv-vllm/bin/python``, else this interpreter if it imports vllm)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """vLLM only: GPUs one model is split over."""
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    """vLLM only: the share of GPU memory it may take (None: vLLM's default)."""
+    vllm_enforce_eager: bool = False
+    """vLLM only: no torch.compile or CUDA graphs (starts faster, decodes slower)."""
     bf16: Literal["auto", "on", "off"] = "auto"
     """bf16 weights for generation and scoring (loaded or cast once when an engine is built);
     ``auto`` uses them where the device the engine runs on (``device``) has native bf16

@@ -24,9 +24,10 @@ def _training_text() -> list[str]:
     return text
 
 
-def build_tiny_model(path: Path) -> Path:
+def build_tiny_model(path: Path, hidden_size: int = 32, heads: int = 4, kv_heads: int = 2) -> Path:
     """A 2-layer Llama (hidden size 32) and a byte-level BPE tokenizer trained on the packaged
-    seed text: no download, a few seconds."""
+    seed text: no download, a few seconds. vLLM's CPU attention needs heads of at least 32
+    dimensions (``hidden_size=64, heads=2, kv_heads=1``)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -47,11 +48,11 @@ def build_tiny_model(path: Path) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(fast),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=4096,
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,

@@ -159,3 +159,26 @@ def test_turn_end_is_a_stop_string_only_where_it_is_plain_text(engine, monkeypat
     check = engine._stop_check(engine._stops(SamplingParams()))  # applied as each token arrives
     assert check(engine.tokenizer("hello<END>", add_special_tokens=False)["input_ids"])
     assert not check(engine.tokenizer("hello<EN", add_special_tokens=False)["input_ids"])
+
+
+def test_engine_backend_resolution(monkeypatch):
+    from harness.config import RunConfig
+    from harness.stages import backend_settings, engine_backend
+
+    cpu = RunConfig.model_validate({"engine": {"device": "cpu"}})
+    assert engine_backend(cpu) == "transformers"  # measured faster than vLLM on a CPU
+    assert backend_settings(cpu) == {}  # stages computed before backends existed stay valid
+    chosen = RunConfig.model_validate({"engine": {"device": "cpu", "backend": "vllm"}})
+    assert engine_backend(chosen) == "vllm" and backend_settings(chosen) == {"engine_backend": "vllm"}
+    # auto on a GPU without a vLLM environment falls back to the in-process engine
+    monkeypatch.setenv("HUMPBACK_VLLM_PYTHON", "")
+    import pipeline.vllm_engine as ve
+
+    monkeypatch.setattr(ve, "DEFAULT_ENV", ve.Path("/nonexistent-vllm-env"))
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
+    gpu = RunConfig.model_validate({"engine": {"device": "cuda"}})
+    assert engine_backend(gpu) == "transformers"
