@@ -213,7 +213,7 @@ def prepare_corpus(run: RunDir, cfg: RunConfig) -> StageResult:
         write_jsonl(ctx.work / "data.jsonl", kept)
         write_jsonl(ctx.work / "removed.jsonl", removed)
         write_jsonl(ctx.work / "rejects.jsonl", (r.as_row() for r in docs.rejects))
-        return {**stats, "documents_rejected": len(docs.rejects)}
+        return {**stats, "documents_rejected": len(docs.rejects), "sources_read": docs.sources}
 
     settings = {
         "unlabelled": cfg.unlabelled.model_dump(),

@@ -1,6 +1,7 @@
 """Reading seed pairs and unlabelled documents, with every bad record accounted for.
 
-Sources are files (JSONL, JSON, CSV, Parquet), ``hub:<dataset>[:split]`` ids, packaged
+Sources are files (JSONL, JSON, CSV, Parquet), ``hub:<dataset>[:split]`` ids, streamed datasets
+(``hub-stream:<dataset>?config=...``, :mod:`pipeline.hub_stream`), packaged
 ``resource:<file>`` names, or ``pydoc:topics`` (the language reference shipped with Python).
 A record that cannot be used becomes a :class:`Reject` naming its file, line and reason; the
 loaders raise :class:`DataError` only when nothing usable remains.
@@ -16,10 +17,12 @@ import json
 import re
 import zlib
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
+
+from pipeline import hub_stream
 
 PREVIEW_CHARS = 200
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -50,6 +53,8 @@ class Record:
 
 def resolve_source(spec: str, data_dir: str | Path | None) -> str:
     """Turn a config path into something :func:`read_source` opens (relative to ``data_dir``)."""
+    if spec.startswith(hub_stream.PREFIX):
+        return hub_stream.resolve(spec, data_dir)
     if spec.startswith(("hub:", "resource:", "pydoc:")):
         return spec
     path = Path(spec).expanduser()
@@ -65,6 +70,8 @@ def source_fingerprint(spec: str) -> str:
         import sys
 
         return f"{spec}@{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+    if spec.startswith(hub_stream.PREFIX):
+        return hub_stream.fingerprint(spec)
     if spec.startswith("resource:"):
         ref = resources.files("pipeline") / "resources" / spec[len("resource:") :]
         return hashlib.sha256(ref.read_bytes()).hexdigest() if ref.is_file() else spec
@@ -74,8 +81,12 @@ def source_fingerprint(spec: str) -> str:
     return spec
 
 
-def read_source(spec: str) -> Iterator[Record | Reject]:
-    """Yield the records of one source, or rejects for lines that cannot be parsed."""
+def read_source(spec: str, info: dict[str, Any] | None = None) -> Iterator[Record | Reject]:
+    """Yield the records of one source, or rejects for lines that cannot be parsed. A streamed
+    source fills ``info`` with what it reads (dataset, config, commit, why it stopped)."""
+    if spec.startswith(hub_stream.PREFIX):
+        yield from hub_stream.read_stream(spec, info)
+        return
     if spec.startswith("hub:"):
         yield from _read_hub(spec[4:])
         return
@@ -263,6 +274,9 @@ def _text_field(record: Record, field: str) -> str | Reject:
 class Loaded:
     rows: list[dict[str, Any]]
     rejects: list[Reject]
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per source: records read, rows kept, rejects, and for a stream what it was (dataset,
+    config, split, revision and the commit it resolved to, why reading stopped)."""
 
     def stats(self) -> dict[str, Any]:
         reasons = Counter(_reason_kind(r.reason) for r in self.rejects)
@@ -305,22 +319,41 @@ def load_pairs(
 
 
 def load_documents(sources: list[str], text_field: str, limit: int | None = None) -> Loaded:
-    """Unlabelled documents from every source, with rejects."""
+    """Unlabelled documents from every source, with rejects; at most ``limit`` documents in all.
+    A streamed source may name its own text field (``field=``)."""
     rows: list[dict[str, Any]] = []
     rejects: list[Reject] = []
+    read: dict[str, dict[str, Any]] = {}
     for source in sources:
-        for item in read_source(source):
+        if limit is not None and len(rows) >= limit:
+            read[source] = {"records_read": 0, "stopped": f"not opened: unlabelled.limit of {limit} documents reached"}
+            continue
+        info: dict[str, Any] = {}
+        source_field = text_field
+        if hub_stream.is_stream(source):
+            source_field = hub_stream.parse(source).field or text_field
+            info["field"] = source_field
+        counts = {"records_read": 0, "kept": 0, "rejected": 0}
+        items = read_source(source, info)
+        for item in items:
             if limit is not None and len(rows) >= limit:
+                info["stopped"] = f"unlabelled.limit of {limit} documents"
                 break
+            counts["records_read"] += 1
             if isinstance(item, Reject):
                 rejects.append(item)
+                counts["rejected"] += 1
                 continue
-            text = _text_field(item, text_field)
+            text = _text_field(item, source_field)
             if isinstance(text, Reject):
                 rejects.append(text)
+                counts["rejected"] += 1
                 continue
             rows.append({"doc_id": f"{item.file}:{item.line}", "text": text})
+            counts["kept"] += 1
+        items.close()
+        read[source] = {**info, **counts}
     if not rows:
         raise DataError(f"no usable documents in {', '.join(sources)} ({len(rejects)} rejected; first: "
                         f"{rejects[0].reason if rejects else 'no records'})")
-    return Loaded(rows, rejects)
+    return Loaded(rows, rejects, read)

@@ -56,7 +56,9 @@ class SeedSection(_PathsSection):
 class UnlabelledSection(_PathsSection):
     path: list[str] = Field(default_factory=lambda: ["pydoc:topics"])
     """Files or hub ids as for ``seed.path``; ``pydoc:topics`` is the Python language
-    reference that ships with the standard library."""
+    reference that ships with the standard library; ``hub-stream:<dataset>?config=..&split=..&
+    field=..&revision=..&limit=N`` streams a dataset instead of downloading it (e.g.
+    ``hub-stream:allenai/c4?config=en&limit=400000``; :mod:`pipeline.hub_stream`)."""
     text_field: str = "text"
     limit: int | None = None
     """Read at most this many documents."""
