@@ -217,7 +217,7 @@ def prepare_corpus(run: RunDir, cfg: RunConfig) -> StageResult:
 
     settings = {
         "unlabelled": cfg.unlabelled.model_dump(),
-        "corpus": cfg.corpus.model_dump(),
+        "corpus": corpus.cache_settings(cfg.corpus),
         "seed": cfg.run.seed,
         "sources": {s: data.source_fingerprint(s) for s in sources},
     }

@@ -199,18 +199,32 @@ def deduplicate(
     return kept, removed
 
 
+def segment_rows(doc_id: str, text: str, cfg: CorpusSection) -> list[tuple[dict[str, Any], str | None]]:
+    """One document's segments as corpus rows, each with the filter that removes it (or None)."""
+    out = []
+    for seg in segment_document(doc_id, text, cfg.max_chars):
+        row = {"segment_id": f"{seg.doc_id}#{seg.index}", "heading": seg.heading, "text": seg.text}
+        out.append((row, filter_reason(seg.text, cfg)))
+    return out
+
+
 def prepare_corpus(
     documents: Iterable[dict[str, Any]], cfg: CorpusSection, seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-    """Segments that pass every filter, the removed ones with reasons, and counts."""
+    """Segments that pass every filter, the removed ones with reasons, and counts.
+
+    ``cfg.executor`` says who does the work: this process (``builtin``), or datatrove's pipeline
+    blocks and executors (``datatrove``, :mod:`pipeline.corpus_datatrove`)."""
+    if cfg.executor == "datatrove":
+        from pipeline.corpus_datatrove import prepare_corpus_datatrove
+
+        return prepare_corpus_datatrove(documents, cfg, seed)
     candidates: list[dict[str, Any]] = []
     removed: list[dict[str, Any]] = []
     n_docs = 0
     for doc in documents:
         n_docs += 1
-        for seg in segment_document(doc["doc_id"], doc["text"], cfg.max_chars):
-            row = {"segment_id": f"{seg.doc_id}#{seg.index}", "heading": seg.heading, "text": seg.text}
-            reason = filter_reason(seg.text, cfg)
+        for row, reason in segment_rows(doc["doc_id"], doc["text"], cfg):
             if reason:
                 removed.append({**row, "reason": reason})
             else:
@@ -218,6 +232,12 @@ def prepare_corpus(
     n_segments = len(candidates) + len(removed)
     kept, dups = deduplicate(candidates, cfg.minhash_threshold, cfg.minhash_num_perm)
     removed.extend(dups)
+    return finish(kept, removed, n_docs, n_segments, cfg, seed)
+
+
+def finish(kept: list[dict[str, Any]], removed: list[dict[str, Any]], n_docs: int, n_segments: int,
+           cfg: CorpusSection, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """The seeded sample down to ``max_segments`` (the rest ``sampled_out``), and the counts."""
     if cfg.max_segments is not None and len(kept) > cfg.max_segments:
         rng = random.Random(seed)
         chosen = set(rng.sample(range(len(kept)), cfg.max_segments))
@@ -236,3 +256,17 @@ def prepare_corpus(
         "kept_chars_mean": round(sum(lengths) / len(lengths), 1) if lengths else 0,
     }
     return kept, removed, stats
+
+
+RUNTIME_SETTINGS = ("datatrove_executor", "datatrove_tasks", "datatrove_workers", "datatrove_dir", "datatrove_options")
+"""Where and in how many tasks datatrove runs: they do not change which segments are kept."""
+
+
+def cache_settings(cfg: CorpusSection) -> dict[str, Any]:
+    """The section's settings for the corpus stage's cache key: ``executor`` only when it is not
+    ``builtin`` (so corpora cached before it existed stay cached), and none of the settings that
+    say only where datatrove runs (:data:`RUNTIME_SETTINGS`)."""
+    dump = cfg.model_dump()
+    if dump["executor"] == "builtin":
+        del dump["executor"]
+    return {k: v for k, v in dump.items() if k not in RUNTIME_SETTINGS}

@@ -80,11 +80,33 @@ class CorpusSection(Section):
     minhash_num_perm: int = Field(128, ge=16)
     max_segments: int | None = None
     """After filtering, keep a seeded random sample of at most this many segments."""
+    executor: Literal["builtin", "datatrove"] = "builtin"
+    """Who segments, filters and removes near duplicates: ``builtin`` (this process; datasketch
+    MinHash LSH) or ``datatrove`` (HuggingFace datatrove's pipeline and executors, in
+    ``datatrove_tasks`` tasks: the same segmenting and filters as datatrove steps, datatrove's
+    MinHash signatures, LSH buckets and clusters, the first segment of a cluster kept).
+    MinHash is approximate, so the two may differ on borderline pairs."""
+    datatrove_executor: Literal["local", "ray", "slurm"] = "local"
+    """datatrove's executor: ``local`` (processes on this machine), ``ray`` (a Ray cluster,
+    ``ray.init()`` decides which) or ``slurm`` (sbatch jobs; the stage waits for them)."""
+    datatrove_tasks: int = Field(4, ge=1)
+    """Shards of the corpus, each a datatrove task."""
+    datatrove_workers: int | None = Field(None, ge=1)
+    """Tasks run at once (None: all of them)."""
+    datatrove_dir: str | None = None
+    """datatrove's working folder (inputs, outputs, signatures, logs). None: a temporary folder,
+    removed afterwards; Ray and Slurm need a folder that every node sees."""
+    datatrove_options: dict[str, Any] = Field(default_factory=dict)
+    """More keyword arguments for the executor, e.g. Slurm's ``partition``, ``time``,
+    ``cpus_per_task``, ``sbatch_args``; Ray's ``cpus_per_task``, ``mem_per_cpu_gb``."""
 
     @model_validator(mode="after")
     def _bounds(self) -> "CorpusSection":
         if self.min_chars > self.max_chars:
             raise ValueError(f"min_chars ({self.min_chars}) exceeds max_chars ({self.max_chars})")
+        if self.executor == "datatrove" and self.datatrove_executor != "local" and not self.datatrove_dir:
+            raise ValueError(f"corpus.datatrove_executor {self.datatrove_executor!r} runs on other machines: set "
+                             "corpus.datatrove_dir to a folder they all see")
         return self
 
 
