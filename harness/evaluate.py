@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +151,8 @@ def evaluate_model(run: RunDir, cfg: RunConfig, prefix: str, model: StageResult,
         started = time.time()
         path = stages.model_path(ctx.inputs["model"])
         check = ctx.inputs["judge_check"].stats
-        metrics = _alpaca_metrics(cfg, prefix, path, ctx.work / "alpaca", run.root / "cache", check, settings)
+        metrics = _alpaca_metrics(cfg, prefix, path, ctx.work / "alpaca", run.root / "cache", check, settings,
+                                  scratch=ctx.scratch)
         faults.checkpoint("eval.judged")
         release_memory()  # the answering model and the judge are gone: return their pages first
         metrics.update(_heldout_metrics(cfg, path, ctx.work, settings))
@@ -164,19 +166,29 @@ def evaluate_model(run: RunDir, cfg: RunConfig, prefix: str, model: StageResult,
                      inputs={"model": model, "judge_check": judge_check})
 
 
-def _alpaca_metrics(cfg, prefix, model_path, out_dir: Path, cache: Path, check: dict, settings: dict) -> dict:
+ANSWER_CHUNK_BATCHES = 4
+"""With ``engine.workers`` > 1 the AlpacaEval answers are made, and committed, in chunks of this
+many ``eval.batch_size`` batches (a number that does not depend on the workers, so a resumed
+stage finds the same chunks whatever their count)."""
+
+
+def _alpaca_metrics(cfg, prefix, model_path, out_dir: Path, cache: Path, check: dict, settings: dict, *,
+                    scratch: Path) -> dict:
     from evals import alpaca
 
     ev = cfg.eval
     instructions = _instruction_set(cfg, ev.alpaca_subset)
-    engine = stages.make_engine(model_path, cfg, ev.batch_size)
-    outputs = alpaca.generate_answers(engine, instructions.instructions, generator=prefix,
-                                      system_prompt=stages.system_prompt(cfg), max_new_tokens=ev.max_new_tokens,
-                                      seed=ev.seed)
+    answer = partial(_answer_chunk, prefix, stages.system_prompt(cfg), ev.max_new_tokens, ev.seed)
+    with stages.engine_pool(model_path, cfg, ev.batch_size) as pool:
+        if cfg.engine.workers == 1:
+            outputs = pool.call(lambda engine: answer(engine, 0, instructions.instructions))
+        else:
+            outputs = pool.map_chunks(instructions.instructions, answer, work=scratch / "answers",
+                                      chunk_size=ANSWER_CHUNK_BATCHES * ev.batch_size, desc=f"{prefix} answers")
+    # the answering model is gone (the pool is closed) before the judge loads
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "model_outputs.jsonl", outputs)
     faults.checkpoint("eval.answers", out_dir / "model_outputs.jsonl")
-    del engine  # free the model before the judge loads
     judge = make_judge(cfg)
     result = alpaca.score_alpaca_eval(outputs, instructions, out_dir, judge=judge, cache_dir=cache,
                                       lc_data_dir=ev.alpaca_lc_data_dir, lc_download=ev.alpaca_lc_download,
@@ -204,6 +216,15 @@ def _alpaca_metrics(cfg, prefix, model_path, out_dir: Path, cache: Path, check: 
     else:
         log.info("AlpacaEval LC win rate unavailable: %s", result.get("lc_unavailable_reason"))
     return metrics
+
+
+def _answer_chunk(generator: str, system: str | None, max_new_tokens: int, seed: int, engine, index: int,
+                  chunk) -> list[dict[str, Any]]:
+    """AlpacaEval answers to some of the instructions: greedy, so every chunk takes the same seed."""
+    from evals import alpaca
+
+    return alpaca.generate_answers(engine, chunk, generator=generator, system_prompt=system,
+                                   max_new_tokens=max_new_tokens, seed=seed)
 
 
 def _heldout_metrics(cfg, model_path: str, work: Path, settings: dict) -> dict:

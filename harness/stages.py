@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,10 @@ from pipeline.digests import model_dir_digest
 from pipeline import augment, corpus, curate, data, hardware
 from pipeline.engine import Engine, TransformersEngine
 from pipeline.finetune import cache_settings, finetune
-from pipeline.io import chunked_map, read_jsonl, write_json_atomic, write_jsonl
+from pipeline.io import read_jsonl, write_json_atomic, write_jsonl
 from pipeline.models import is_adapter, load_model, load_tokenizer, resolve_base
 from pipeline.prompts import backward_messages, forward_messages
+from pipeline.ray_pool import PoolSettings, open_pool
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,67 @@ def model_path(result: StageResult) -> str:
     if "resolved" in result.manifest:
         return result.manifest["resolved"]
     return str(result.path / MODEL)
+
+
+def pool_settings(cfg: RunConfig) -> PoolSettings:
+    """Where generation runs (``engine.workers``, ``engine.ray_address``, ``engine.worker_*``)."""
+    e = cfg.engine
+    if e.workers == 1:
+        return PoolSettings()
+    gpus = e.worker_gpus
+    if gpus == "auto":
+        on_cuda = e.device.startswith("cuda") or (e.device == "auto" and torch.cuda.is_available())
+        gpus = (e.tensor_parallel_size if engine_backend(cfg) == "vllm" else 1) if on_cuda else 0
+    return PoolSettings(workers=e.workers, address=e.ray_address, cpus=e.worker_cpus, gpus=float(gpus))
+
+
+def worker_config(cfg: RunConfig, pool: PoolSettings) -> RunConfig:
+    """The config a Ray worker builds its engine from. Its torch threads are the CPUs it reserves
+    (unless ``engine.threads`` says), and ``engine.bf16: auto`` for a CPU engine is decided here,
+    once: the choice is measured, and workers measuring apart could differ, and their rows too."""
+    update: dict[str, Any] = {}
+    if cfg.engine.threads is None:
+        update["threads"] = max(1, int(pool.cpus))
+    if cfg.engine.bf16 == "auto" and not pool.gpus and torch.device(engine_device(cfg)).type == "cpu":
+        update["bf16"] = "on" if engine_bf16(cfg) else "off"
+    return cfg.model_copy(update={"engine": cfg.engine.model_copy(update=update)})
+
+
+def engine_pool(model: str, cfg: RunConfig, batch_size: int):
+    """The engine(s) a generation stage runs its chunks on: one in this process
+    (``engine.workers: 1``), or one per Ray worker (pipeline/ray_pool.py)."""
+    pool = pool_settings(cfg)
+    worker_cfg = cfg if pool.workers == 1 else worker_config(cfg, pool)
+    return open_pool(pool, partial(make_engine, model, worker_cfg, batch_size), _engine_counters)
+
+
+def _engine_counters(engine: Engine) -> dict[str, float]:
+    return dict(getattr(engine, "stats", {}))
+
+
+def _tokenizer(engine: Engine):
+    return engine.tokenizer
+
+
+def _augment_chunk(settings, template: str, run_seed: int, engine: Engine, index: int, chunk) -> list[dict[str, Any]]:
+    """One augmentation chunk; its sampling seed comes from the chunk's index alone."""
+    return augment.generate_instructions(engine, chunk, settings, template, seed=run_seed * 100_003 + index)
+
+
+def _curate_chunk(settings, system: str | None, run_seed: int, engine: Engine, index: int,
+                  chunk) -> list[dict[str, Any]]:
+    """One curation chunk; its sampling seed comes from the chunk's index alone."""
+    return curate.score_pairs(engine, chunk, settings, system, seed=run_seed * 100_003 + index)
+
+
+def _score_pairs(pairs, settings, system: str | None, seed: int, engine: Engine) -> list[dict[str, Any]]:
+    return curate.score_pairs(engine, pairs, settings, system, seed=seed)
+
+
+def _calibrate_curator(cfg: RunConfig, system: str | None, n: int, seed: int, engine: Engine):
+    from harness.calibration import calibrate_curator
+
+    return calibrate_curator(engine, cfg, system, n, seed=seed)
 
 
 def _sources(paths: list[str], cfg: RunConfig) -> list[str]:
@@ -280,16 +342,12 @@ def augment_corpus(run: RunDir, cfg: RunConfig, seed: StageResult, segments: Sta
 
     def fn(ctx: StageContext) -> dict[str, Any]:
         rows = read_jsonl(ctx.inputs["corpus"].path / "data.jsonl")
-        engine = make_engine(model_path(ctx.inputs["backward"]), cfg, cfg.augment.batch_size)
-        budget, budget_stats = instruction_budget(engine, ctx.inputs["seed"], cfg)
-        settings = cfg.augment.model_copy(update={"max_new_tokens": budget})
-        out = chunked_map(
-            rows,
-            lambda i, chunk: augment.generate_instructions(
-                engine, chunk, settings, cfg.backward.template, seed=cfg.run.seed * 100_003 + i
-            ),
-            work=ctx.scratch / "progress", chunk_size=cfg.augment.chunk_size, desc="augment",
-        )
+        with engine_pool(model_path(ctx.inputs["backward"]), cfg, cfg.augment.batch_size) as pool:
+            budget, budget_stats = instruction_budget(pool.call(_tokenizer), ctx.inputs["seed"], cfg)
+            settings = cfg.augment.model_copy(update={"max_new_tokens": budget})
+            out = pool.map_chunks(rows, partial(_augment_chunk, settings, cfg.backward.template, cfg.run.seed),
+                                  work=ctx.scratch / "progress", chunk_size=cfg.augment.chunk_size, desc="augment")
+            new_tokens = pool.counters().get("new_tokens", 0)
         kept = [r for r in out if r["rejected"] is None]
         write_jsonl(ctx.work / "candidates.jsonl", (augment.candidate(r) for r in kept))
         write_jsonl(ctx.work / "rejects.jsonl", (r for r in out if r["rejected"] is not None))
@@ -306,7 +364,7 @@ def augment_corpus(run: RunDir, cfg: RunConfig, seed: StageResult, segments: Sta
         return {"segments": len(out), "generated": len(kept), "rejected": dict(sorted(reasons.items())),
                 "salvaged": len(salvaged), "budget": budget_stats,
                 "instruction_tokens": augment.length_summary([r["new_tokens"] for r in kept]),
-                "new_tokens": engine.stats["new_tokens"]}
+                "new_tokens": new_tokens}
 
     settings = {"augment": cfg.augment.model_dump(), "template": cfg.backward.template, "seed": cfg.run.seed,
                 "engine_bf16": cfg.engine.bf16, **backend_settings(cfg)}
@@ -314,10 +372,9 @@ def augment_corpus(run: RunDir, cfg: RunConfig, seed: StageResult, segments: Sta
                      inputs={"corpus": segments, "backward": backward, "seed": seed})
 
 
-def instruction_budget(engine: TransformersEngine, seed: StageResult, cfg: RunConfig) -> tuple[int, dict[str, Any]]:
+def instruction_budget(tokenizer, seed: StageResult, cfg: RunConfig) -> tuple[int, dict[str, Any]]:
     """Augmentation's new-token budget and how it was set, measured on the seed's instructions with
     the backward model's tokenizer; logged, and warned about when a fixed budget cuts seed ones."""
-    tokenizer = engine.tokenizer
     lengths = augment.instruction_token_lengths(
         lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
         [r["instruction"] for r in read_jsonl(seed.path / "data.jsonl")])
@@ -340,32 +397,31 @@ def curate_candidates(run: RunDir, cfg: RunConfig, iteration: int, candidates: S
 
     def fn(ctx: StageContext) -> dict[str, Any]:
         pairs = read_jsonl(ctx.inputs["candidates"].path / "candidates.jsonl")
-        engine = make_engine(model_path(ctx.inputs["model"]), cfg, cfg.curate.batch_size)
-        scores = chunked_map(
-            pairs,
-            lambda i, chunk: curate.score_pairs(engine, chunk, cfg.curate, system, seed=cfg.run.seed * 100_003 + i),
-            work=ctx.scratch / "progress", chunk_size=cfg.curate.chunk_size, desc=f"curate iter {iteration}",
-        )
-        write_jsonl(ctx.work / "scores.jsonl", scores)
-        # The same curator on pairs whose quality is known, for precision and recall at k.
-        labelled = [{**r, "segment_id": f"labelled-{i}"}
-                    for i, r in enumerate(quality.load_labelled_pairs(n=cfg.curate.smoke_pairs))]
-        checks = curate.score_pairs(engine, labelled, cfg.curate, system, seed=cfg.run.seed)
-        write_jsonl(ctx.work / "labelled_scores.jsonl",
-                    ({**c, "label": r["label"]} for c, r in zip(checks, labelled)))
-        values = [s["score"] for s in scores]
-        unscored = sum(v is None for v in values)
-        stats = {"pairs": len(scores), "histogram": curate.score_histogram(values), "unscored": unscored,
-                 "unscored_rate": round(unscored / len(scores), 4) if scores else 0.0, "mode": cfg.curate.mode,
-                 "planted": curate.planted_counts(scores)}
-        if cfg.curate.calibration_pairs:
-            # The same curator on answer pairs labelled outside the project (evals/calibration).
-            from harness.calibration import calibrate_curator, curator_headline
+        with engine_pool(model_path(ctx.inputs["model"]), cfg, cfg.curate.batch_size) as pool:
+            scores = pool.map_chunks(pairs, partial(_curate_chunk, cfg.curate, system, cfg.run.seed),
+                                     work=ctx.scratch / "progress", chunk_size=cfg.curate.chunk_size,
+                                     desc=f"curate iter {iteration}")
+            write_jsonl(ctx.work / "scores.jsonl", scores)
+            # The same curator on pairs whose quality is known, for precision and recall at k.
+            labelled = [{**r, "segment_id": f"labelled-{i}"}
+                        for i, r in enumerate(quality.load_labelled_pairs(n=cfg.curate.smoke_pairs))]
+            checks = pool.call(partial(_score_pairs, labelled, cfg.curate, system, cfg.run.seed))
+            write_jsonl(ctx.work / "labelled_scores.jsonl",
+                        ({**c, "label": r["label"]} for c, r in zip(checks, labelled)))
+            values = [s["score"] for s in scores]
+            unscored = sum(v is None for v in values)
+            stats = {"pairs": len(scores), "histogram": curate.score_histogram(values), "unscored": unscored,
+                     "unscored_rate": round(unscored / len(scores), 4) if scores else 0.0, "mode": cfg.curate.mode,
+                     "planted": curate.planted_counts(scores)}
+            if cfg.curate.calibration_pairs:
+                # The same curator on answer pairs labelled outside the project (evals/calibration).
+                from harness.calibration import curator_headline
 
-            result, rows = calibrate_curator(engine, cfg, system, cfg.curate.calibration_pairs, seed=cfg.run.seed)
-            write_json_atomic(ctx.work / "calibration.json", result)
-            write_jsonl(ctx.work / "calibration_ratings.jsonl", rows)
-            stats["calibration"] = curator_headline(result)
+                result, rows = pool.call(partial(_calibrate_curator, cfg, system, cfg.curate.calibration_pairs,
+                                                 cfg.run.seed))
+                write_json_atomic(ctx.work / "calibration.json", result)
+                write_jsonl(ctx.work / "calibration_ratings.jsonl", rows)
+                stats["calibration"] = curator_headline(result)
         return stats
 
     settings = {"curate": cfg.curate.model_dump(), "system": system, "seed": cfg.run.seed, "engine_bf16": cfg.engine.bf16,

@@ -277,6 +277,20 @@ class EngineSection(Section):
     """vLLM only: the share of GPU memory it may take (None: vLLM's default)."""
     vllm_enforce_eager: bool = False
     """vLLM only: no torch.compile or CUDA graphs (starts faster, decodes slower)."""
+    workers: int = Field(1, ge=1)
+    """Generation workers for augmentation, curation and the AlpacaEval answers: 1 generates in
+    this process; N > 1 shares each stage's chunks out to N Ray actors, each holding its own
+    engine (pipeline/ray_pool.py). Augmentation and curation write the same rows either way;
+    AlpacaEval's greedy answers are batched per chunk, so a near tie can come out differently."""
+    ray_address: str | None = None
+    """With ``workers`` > 1: null starts a local Ray in this process (no dashboard, offline);
+    ``auto`` joins the cluster ``ray start`` runs on this machine, ``ray://host:port`` a remote
+    one (every node needs this project installed and the run directory at the same path)."""
+    worker_gpus: Annotated[float, Field(ge=0)] | Literal["auto"] = "auto"
+    """GPUs each worker reserves; ``auto``: where the engine runs on CUDA, 1 (vLLM:
+    ``tensor_parallel_size``), else 0."""
+    worker_cpus: float = Field(1.0, gt=0)
+    """CPUs each worker reserves; also its torch threads, unless ``threads`` is set."""
     bf16: Literal["auto", "on", "off"] = "auto"
     """bf16 weights for generation and scoring (loaded or cast once when an engine is built);
     ``auto`` uses them where the device the engine runs on (``device``) has native bf16
