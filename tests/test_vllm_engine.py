@@ -112,3 +112,23 @@ def test_lora_adapter_is_served_on_the_base(model_dir, tmp_path):
     with VllmEngine(str(model_dir), load_tokenizer(str(model_dir)), adapter=str(adapter), dtype="float32",
                     python=python, enforce_eager=True, kv_cache_gib=1) as served:
         assert served.generate(CHATS, params) == expected
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_vllm_on_cuda_matches_the_in_process_engine(model_dir):
+    """On a GPU, with a CUDA build of vLLM (``make vllm-env VLLM=vllm==<version> VLLM_TORCH=<CUDA torch>
+    VLLM_CONSTRAINTS=``): fp32 greedy tokens and choice probabilities as the in-process engine's on
+    the same GPU, and a second GPU used for tensor parallelism where there is one."""
+    python = _python()
+    reference = TransformersEngine(load_model(str(model_dir), dtype=torch.float32).to("cuda"),
+                                   load_tokenizer(str(model_dir)), batch_size=4)
+    params = SamplingParams(max_new_tokens=32)
+    expected = reference.generate(CHATS, params)
+    probs = reference.choice_probs(CHATS, "Score: ", ["1", "2", "3", "4", "5"])
+    tp = 2 if torch.cuda.device_count() >= 2 else 1
+    with VllmEngine(str(model_dir), load_tokenizer(str(model_dir)), dtype="float32", device="cuda", python=python,
+                    tensor_parallel_size=tp, gpu_memory_utilization=0.3) as served:
+        assert served.generate(CHATS, params) == expected
+        got = served.choice_probs(CHATS, "Score: ", ["1", "2", "3", "4", "5"])
+    assert max(abs(a - b) for r, s in zip(probs, got) for a, b in zip(r, s)) < 1e-4
