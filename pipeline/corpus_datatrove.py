@@ -214,6 +214,7 @@ def _prepare(documents: Iterable[dict[str, Any]], cfg: CorpusSection, seed: int,
             save_cluster_id=True)], 1, root)
         # MinhashDedupFilter passes a task's documents through without their cluster ids when
         # nothing is to be removed from it (no .remove file): every task gets both files
+        (root / "clusters").mkdir(exist_ok=True)  # not made when no document has a duplicate
         for rank in range(tasks):
             for suffix in (".remove", ".clusters"):
                 (root / "clusters" / f"{rank:06d}{suffix}").touch(exist_ok=True)

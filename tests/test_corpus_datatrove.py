@@ -119,6 +119,14 @@ def test_parallel_workers_and_sampling_match(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the working folder is removed after success
 
 
+def test_corpus_without_duplicates():
+    docs = _news()[:10]
+    builtin = prepare_corpus(docs, CorpusSection(), seed=0)
+    datatrove = prepare_corpus(docs, CorpusSection(executor="datatrove", datatrove_tasks=2, datatrove_workers=1), seed=0)
+    assert datatrove[0] == builtin[0] and len(builtin[0]) >= 9
+    assert datatrove[2]["datatrove"]["clusters"] == 0
+
+
 def test_cache_key_and_settings():
     plain = CorpusSection()
     assert "executor" not in cache_settings(plain) and "datatrove_tasks" not in cache_settings(plain)
