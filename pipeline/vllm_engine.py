@@ -122,7 +122,10 @@ class VllmEngine:
                   "adapter": self.adapter, "max_lora_rank": self._adapter_rank(),
                   "tensor_parallel_size": self.tensor_parallel_size, "max_model_len": self.max_model_len,
                   "gpu_memory_utilization": self.gpu_memory_utilization, "max_num_seqs": self.max_num_seqs,
-                  "enforce_eager": self.enforce_eager}
+                  "enforce_eager": self.enforce_eager,
+                  # vLLM's CPU build cannot rewind a seeded sampler when a prompt's prefill is
+                  # split over steps (it needs a CUDA generator's offset): whole prompts only.
+                  "chunked_prefill": self.device != "cpu"}
         reply = self._call(config)
         if not reply.get("ready"):
             raise VllmUnavailable(f"vLLM could not start {self.model}: {reply.get('error')}\n{self._log_tail()}")

@@ -49,6 +49,8 @@ def _build(config: dict):
         kwargs["enable_lora"] = True
         kwargs["max_lora_rank"] = int(config.get("max_lora_rank", 64))
         kwargs["max_loras"] = 1
+    if config.get("chunked_prefill") is False:
+        kwargs["enable_chunked_prefill"] = False
     if config.get("enforce_eager"):
         kwargs["enforce_eager"] = True
     return LLM(**kwargs)
