@@ -131,22 +131,53 @@ class CpuTicks:
     machine_busy: int
     """Busy ticks of all CPUs together (user, nice, system, irq, softirq, steal)."""
     own: int
-    """This process's user + system ticks, all threads."""
+    """This process's and its live descendants' user + system ticks, all threads."""
     at: float
 
 
+def _process_ticks(pid: int | str) -> int:
+    """user + system ticks of one process, all threads (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            # The command name may contain spaces: fields count from after its closing ")".
+            rest = fh.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0
+    return int(rest[11]) + int(rest[12])  # utime, stime (fields 14 and 15 of the whole line)
+
+
+def _descendants(pid: int | str) -> list[str]:
+    """Live descendants of a process, from /proc/<pid>/task/<tid>/children."""
+    out: list[str] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as fh:
+                children = fh.read().split()
+        except OSError:
+            continue
+        for child in children:
+            out += [child, *_descendants(child)]
+    return out
+
+
 def cpu_ticks() -> CpuTicks | None:
-    """A snapshot from /proc, or None where there is no /proc (then contention is unknown)."""
+    """A snapshot from /proc, or None where there is no /proc (then contention is unknown). The
+    process's own ticks include those of its live child processes: an engine that computes in a
+    child (vLLM) is this benchmark's work, not a neighbour's."""
     try:
         with open("/proc/stat", encoding="ascii") as fh:
             fields = [int(x) for x in fh.readline().split()[1:]]
-        with open("/proc/self/stat", encoding="ascii") as fh:
-            # The command name may contain spaces: fields count from after its closing ")".
-            rest = fh.read().rsplit(")", 1)[1].split()
+        own = _process_ticks("self")
+        if not os.path.exists("/proc/self/stat"):
+            return None
     except (OSError, ValueError, IndexError):
         return None
+    own += sum(_process_ticks(pid) for pid in _descendants(os.getpid()))
     user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    own = int(rest[11]) + int(rest[12])  # utime, stime (fields 14 and 15 of the whole line)
     return CpuTicks(user + nice + system + irq + softirq + steal, own, time.perf_counter())
 
 
