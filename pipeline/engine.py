@@ -51,8 +51,28 @@ class Engine(Protocol):
         ...
 
 
+class PromptSide:
+    """What every engine does on this side of the model, with ``self.tokenizer``: render a chat
+    with its template, tokenize, and name the stop strings. Engines share it, so they see the
+    same prompt ids and stop at the same strings."""
+
+    tokenizer: PreTrainedTokenizerBase
+
+    def render(self, chat: Chat, prefix: str = "") -> str:
+        text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        return text + prefix
+
+    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    def _stops(self, params: SamplingParams) -> tuple[str, ...]:
+        """The caller's stop strings, plus the chat template's end of turn when that is plain
+        text to this tokenizer (:func:`turn_end_stops`)."""
+        return tuple(params.stop) + tuple(s for s in turn_end_stops(self.tokenizer) if s not in params.stop)
+
+
 @dataclass
-class TransformersEngine:
+class TransformersEngine(PromptSide):
     """Generation and scoring on a transformers model, in the model's own dtype and device (cast
     the model before handing it over: :func:`harness.stages.make_engine` casts to bf16 where the
     hardware has it, once, rather than autocasting every step)."""
@@ -80,13 +100,6 @@ class TransformersEngine:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-
-    def render(self, chat: Chat, prefix: str = "") -> str:
-        text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-        return text + prefix
-
-    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
-        return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of KV cache one token takes in this model (keys and values, every layer)."""
@@ -175,11 +188,6 @@ class TransformersEngine:
         self.stats["prompt_tokens"] += int(mask.sum())
         if shared:
             self.stats["prefix_tokens_reused"] += shared * (mask.shape[0] - 1)
-
-    def _stops(self, params: SamplingParams) -> tuple[str, ...]:
-        """The caller's stop strings, plus the chat template's end of turn when that is plain
-        text to this tokenizer (:func:`turn_end_stops`)."""
-        return tuple(params.stop) + tuple(s for s in turn_end_stops(self.tokenizer) if s not in params.stop)
 
     def _eos_ids(self) -> list[int]:
         ids = set(_as_list(self.model.generation_config.eos_token_id)) | {self.tokenizer.eos_token_id}

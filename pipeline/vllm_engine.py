@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from pipeline.engine import Chat, Completion, SamplingParams, completion_from_tokens, split_choices, turn_end_stops
+from pipeline.engine import Chat, Completion, PromptSide, SamplingParams, completion_from_tokens, split_choices
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,10 @@ def worker_env(python: str, device: str, kv_cache_gib: float | None) -> dict[str
     ``VLLM_CPU_KVCACHE_SPACE`` (GiB)."""
     env = dict(os.environ)
     if device == "cpu":
-        prefix = Path(python).resolve().parent.parent if Path(python).is_file() else None
+        # The environment's prefix: a venv's bin/python is a symlink to the base interpreter, so
+        # it is not resolved (that would look for the library beside the base Python).
+        located = shutil.which(python) or python
+        prefix = Path(located).absolute().parent.parent if Path(located).is_file() else None
         lib = (prefix / "lib" / "libiomp5.so") if prefix else None
         if lib is not None and lib.is_file():
             env["LD_PRELOAD"] = ":".join(p for p in (str(lib), env.get("LD_PRELOAD", "")) if p)
@@ -83,7 +86,7 @@ def worker_env(python: str, device: str, kv_cache_gib: float | None) -> dict[str
 
 
 @dataclass
-class VllmEngine:
+class VllmEngine(PromptSide):
     """Generation and choice probabilities through vLLM in a child process.
 
     ``model`` is a base model directory (or hub id); ``adapter`` a PEFT LoRA directory served on
@@ -135,12 +138,6 @@ class VllmEngine:
 
     # ------------------------------------------------------------------ the Engine interface
 
-    def render(self, chat: Chat, prefix: str = "") -> str:
-        return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) + prefix
-
-    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
-        return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-
     def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Completion]:
         ids = self._encode([self.render(c) for c in chats])
         stops = self._stops(params)
@@ -189,9 +186,6 @@ class VllmEngine:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def _stops(self, params: SamplingParams) -> tuple[str, ...]:
-        return tuple(params.stop) + tuple(s for s in turn_end_stops(self.tokenizer) if s not in params.stop)
 
     def _read_eos(self) -> list[int]:
         ids: set[int] = set()

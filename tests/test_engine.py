@@ -182,3 +182,23 @@ def test_engine_backend_resolution(monkeypatch):
                         lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
     gpu = RunConfig.model_validate({"engine": {"device": "cuda"}})
     assert engine_backend(gpu) == "transformers"
+
+
+def test_vllm_child_preloads_its_own_environments_openmp(tmp_path):
+    # A venv's bin/python is a symlink to the base interpreter: the library is looked up in the
+    # venv, not beside the interpreter the link points to.
+    import sys
+
+    from pipeline.vllm_engine import worker_env
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "bin" / "python").symlink_to(sys.executable)
+    (tmp_path / "lib" / "libiomp5.so").write_bytes(b"")
+    env = worker_env(str(tmp_path / "bin" / "python"), "cpu", 2.5)
+    assert env["LD_PRELOAD"].split(":")[0] == str(tmp_path / "lib" / "libiomp5.so")
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    import os
+
+    gpu = worker_env(str(tmp_path / "bin" / "python"), "cuda", None)
+    assert gpu.get("LD_PRELOAD") == os.environ.get("LD_PRELOAD")  # the CPU runtime only for the CPU build

@@ -90,6 +90,9 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(engines):
     params = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=3)
     first = served.generate(CHATS, params)
     assert served.generate(CHATS, params) == first
+    # A prompt's sample depends on its seed (the request's seed plus its position), not on the
+    # other prompts sent with it.
+    assert served.generate(CHATS[:3], params) == first[:3]
     greedy = served.generate(CHATS, SamplingParams(max_new_tokens=16))
     assert first != greedy  # sampling did sample
 
