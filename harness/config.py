@@ -115,6 +115,10 @@ class GateSection(Section):
     half, while an 8-segment demo losing 10% on average crosses it with probability about 0.5%."""
     max_contamination_rate: float = Field(0.05, ge=0, le=1)
     """Share of selected pairs that overlapped an evaluation prompt (they are dropped either way)."""
+    stop_at_fixed_point: bool = True
+    """From iteration 2 on, a selection byte-identical to the previous iteration's means M_t would
+    repeat M_{t-1} (same base, data, settings and seed) and so would every later iteration: the
+    loop ends there, successfully, and the gate's ``data/changed`` check says so. False: it goes on."""
 
 
 class TrackingSection(Section):

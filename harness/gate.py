@@ -26,17 +26,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from evals.paired import Paired, corrected_level, unpaired
-from pipeline.io import write_json_atomic
+from pipeline.digests import settings_digest
+from pipeline.io import read_jsonl, write_json_atomic
 
 if TYPE_CHECKING:  # the view is read into this module's types, so it is not imported at run time
     from harness.config import RunConfig
-    from harness.runview import RunView
+    from harness.runview import RunView, Stage
 
 GATE = "gate.json"
 """Each iteration's gate, in ``iter_NN/``."""
 
 PASS, REGRESSION, INCONCLUSIVE, REFUSED, MISSING, NO_BASELINE = (
     "pass", "regression", "inconclusive", "refused", "missing", "no baseline")
+FIXED_POINT, CHANGED = "fixed point", "changed"
+"""Outcomes of the ``data/changed`` check: did curation with M_{t-1} select other data than the
+iteration before it?"""
 
 
 @dataclass(frozen=True)
@@ -211,6 +215,10 @@ class GateResult:
     def failures(self) -> list[Decision]:
         return [d for d in self.decisions if not d.passed]
 
+    def fixed_point(self) -> Decision | None:
+        """The ``data/changed`` decision when this iteration repeated the previous one's data."""
+        return next((d for d in self.decisions if d.outcome == FIXED_POINT), None)
+
     def as_dict(self) -> dict[str, Any]:
         """What ``gate.json`` holds."""
         decisions = [{k: v for i, (k, v) in enumerate(asdict(d).items()) if i < 6 or v is not None}
@@ -297,6 +305,40 @@ def augment_yield_check(stats: dict[str, Any], max_reject_rate: float) -> Decisi
                     max_reject_rate)
 
 
+def selection_change_check(root: Path, t: int, current: Stage | None, previous: Stage | None) -> Decision | None:
+    """Did iteration ``t`` select other training data than iteration ``t - 1``? (None for ``t`` < 2,
+    where M_{t-1} is M0 and trained on the seed alone, or before both selections are committed.)
+
+    The same (instruction, response) pairs in the same order are a fixed point of the loop: M_t is
+    fine-tuned from the same base on the same seed and selected pairs with the same settings and
+    seed as M_{t-1}, so it repeats M_{t-1}, whose curation of the same candidates repeats this
+    one, and so on. (The scores the pairs carry are not trained on, so they may differ.) The
+    decision passes either way (nothing regressed); its outcome, ``fixed point`` or ``changed``, is
+    what ``gate.stop_at_fixed_point`` acts on."""
+    if t < 2 or current is None or previous is None or not (current.done and previous.done):
+        return None
+    now, before = _training_pairs(root / current.name / SELECTED), _training_pairs(root / previous.name / SELECTED)
+    ids_now, ids_before = {p[0] for p in now}, {p[0] for p in before}
+    overlap = (f"{len(ids_now & ids_before)} of its {len(now)} pairs were selected by iter_{t - 1:02d} too "
+               f"({len(ids_before - ids_now)} of iter_{t - 1:02d}'s {len(before)} dropped)")
+    if now == before:
+        return Decision("data/changed", True,
+                        f"fixed point: iter_{t:02d} selected exactly iter_{t - 1:02d}'s training data ({overlap}; "
+                        f"the same instructions and responses in the same order, digest "
+                        f"{settings_digest(now)[:12]}), so M_{t} would repeat M_{t - 1} and every later iteration "
+                        f"would repeat this one", outcome=FIXED_POINT)
+    return Decision("data/changed", True, f"the selection changed: {overlap}", outcome=CHANGED)
+
+
+SELECTED = "data.jsonl"
+"""The select stage's training pairs."""
+
+
+def _training_pairs(path: Path) -> list[tuple[str, str, str]]:
+    """(segment id, instruction, response) in file order: what fine-tuning reads of a selection."""
+    return [(str(r.get("segment_id")), str(r.get("instruction")), str(r.get("response"))) for r in read_jsonl(path)]
+
+
 def decide_augmentation(stats: dict[str, Any], cfg: RunConfig) -> GateResult:
     """Augmentation's yield alone, decided as soon as the augment stage is committed: a corpus that
     loses too many segments stops the loop there, before M0 is trained or a pair rated. Recorded
@@ -315,6 +357,10 @@ def decide_iteration(view: RunView, cfg: RunConfig, t: int, evaluated: bool) -> 
     decisions = data_decisions(it.selection.selected, it.selection.contaminated, it.curation.unscored_rate,
                                min_selected=cfg.gate.min_selected, max_unscored_rate=cfg.gate.max_unscored_rate,
                                max_contamination_rate=cfg.gate.max_contamination_rate)
+    changed = selection_change_check(Path(view.root), t, view.stages.get(f"iter_{t:02d}/select"),
+                                     view.stages.get(f"iter_{t - 1:02d}/select"))
+    if changed is not None:
+        decisions.append(changed)
     augment = view.stages.get("augment")
     if augment is not None:
         decisions.append(augment_yield_check(augment.stats, cfg.gate.max_augment_reject_rate))

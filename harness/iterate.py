@@ -113,7 +113,9 @@ def iterate(cfg: RunConfig, run: RunDir, stop_after: str | None = None) -> dict[
         for t in range(1, cfg.iterate.iterations + 1):
             scores = done(stages.curate_candidates(run, cfg, t, candidates, model))  # rate with M_{t-1}
             selected = done(stages.select_candidates(run, cfg, t, candidates, scores))  # keep >= k
-            check_gate(run, cfg, t, evaluated=False)                  # enough clean, scored data?
+            data_gate = check_gate(run, cfg, t, evaluated=False)      # enough clean, scored data?
+            if stop_at_fixed_point(cfg, t, data_gate):                # the same data as M_{t-1}?
+                break
             model = done(stages.train_forward(run, cfg, t, seed, base, selected))    # M_t
             score(f"iter_{t:02d}", model)
             head_to_head(t)                                           # M_t vs M_{t-1} and M0, same prompts
@@ -131,9 +133,9 @@ def iterate(cfg: RunConfig, run: RunDir, stop_after: str | None = None) -> dict[
     return summary
 
 
-def check_gate(run: RunDir, cfg: RunConfig, t: int, evaluated: bool) -> None:
+def check_gate(run: RunDir, cfg: RunConfig, t: int, evaluated: bool) -> gate.GateResult | None:
     if not cfg.gate.enabled:
-        return
+        return None
     result = gate.decide_iteration(read_run(run.root, strict=True), cfg, t, evaluated)
     gate.write_gate(run.root, t, result)
     for d in result.decisions:
@@ -141,6 +143,21 @@ def check_gate(run: RunDir, cfg: RunConfig, t: int, evaluated: bool) -> None:
         (log.warning if loud else log.info)("gate iter_%02d %s: %s", t, "pass" if d.passed else "FAIL", d.message())
     if not result.passed:
         raise GateFailed(t, result)
+    return result
+
+
+def stop_at_fixed_point(cfg: RunConfig, t: int, result: gate.GateResult | None) -> bool:
+    """True where iteration ``t`` selected exactly the previous iteration's data and
+    ``gate.stop_at_fixed_point`` ends the loop there (M_t would repeat M_{t-1})."""
+    fixed = result.fixed_point() if result is not None else None
+    if fixed is None:
+        return False
+    if cfg.gate.stop_at_fixed_point:
+        log.warning("iter_%02d: %s; the loop ends here, with M_%d as its last model (gate.stop_at_fixed_point)",
+                    t, fixed.reason, t - 1)
+        return True
+    log.warning("iter_%02d: %s; going on anyway (gate.stop_at_fixed_point=false)", t, fixed.reason)
+    return False
 
 
 def check_augment_gate(run: RunDir, cfg: RunConfig, augmented: StageResult) -> None:
@@ -203,6 +220,10 @@ def summarize(run: RunDir, cfg: RunConfig) -> dict[str, Any]:
         }
         write_json_atomic(run.root / f"iter_{t:02d}" / "summary.json", summary)
         out["iterations"][t] = summary
+    for name, model in view.models.items():
+        fixed = model.gate.fixed_point() if model.gate is not None else None
+        if fixed is not None and cfg.gate.stop_at_fixed_point:
+            out["stopped"] = {"iteration": int(name[5:]), "reason": fixed.reason}
     return out
 
 
@@ -215,4 +236,7 @@ def format_summary(summary: dict[str, Any]) -> str:
                 "position_bias", "trusted")
         counts = ", ".join(f"{k}={json.dumps(stats[k])}" for k in keys if k in stats)
         lines.append(f"{name:<20} {info['seconds']:>8.1f}  {counts}")
+    if "stopped" in summary:
+        stop = summary["stopped"]
+        lines += ["", f"the loop ended at iter_{stop['iteration']:02d}, before fine-tuning: {stop['reason']}"]
     return "\n".join(lines)

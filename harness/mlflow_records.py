@@ -37,7 +37,7 @@ BASE_STEP = -1
 MAX_TAG_CHARS = 5000
 RESOURCE_STAGES = ("curate", "select", "finetune", "eval")
 
-LOGGED_METRICS_VERSION = "4"
+LOGGED_METRICS_VERSION = "5"
 """Part of every model's fingerprint: raised when the metrics logged from the same files change
 (2: ``resources/*``), so a run logged by an older harness is brought up to date."""
 
@@ -206,6 +206,9 @@ def iteration_tags(view: RunView, model: ModelView) -> dict[str, str]:
         tags["gate.passed"] = str(model.gate.passed).lower()
         tags["gate.reason"] = gate_reason(model.gate)
         tags["gate.baseline"] = str(model.gate.baseline)
+        fixed = model.gate.fixed_point()
+        if fixed is not None:  # this iteration repeated the previous one's data (see gate.stop_at_fixed_point)
+            tags["gate.fixed_point"] = fixed.reason[:MAX_TAG_CHARS]
     return tags
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.report_plots import write_plots
-from harness.report_tables import (LC_GLM_NOTES, Table, data_table, gate_failures, gate_table, head_to_head_table,
-                                   metric_cell, metric_notes,
+from harness.report_tables import (LC_GLM_NOTES, Table, data_table, gate_failures, gate_stops, gate_table,
+                                   head_to_head_table, metric_cell, metric_notes,
                                    metric_table, peak_memory, stage_table)
 from harness.runview import RunView, as_view
 from pipeline import faults
@@ -92,6 +92,7 @@ def render_markdown(view: RunView, plots: list[Path]) -> str:
         lines += ["", f"## Head to head ({H2H_NOTE})", ""] + _md_table(h2h)
     failures = gate_failures(view)
     lines += ["", "## Gates", ""] + ([f"- {f}" for f in failures] or ["No gate failed."])
+    lines += [f"- {f}" for f in gate_stops(view)]
     gates = gate_table(view)
     if gates[1]:
         lines += ["", GATE_NOTE, ""] + _md_table(gates)
@@ -135,6 +136,9 @@ def render_html(view: RunView, plots: list[Path]) -> str:
     failures = gate_failures(view)
     parts.append("<h2>Gates</h2><ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in failures) + "</ul>"
                  if failures else "<h2>Gates</h2><p>No gate failed.</p>")
+    stops = gate_stops(view)
+    if stops:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in stops) + "</ul>")
     gates = gate_table(view)
     if gates[1]:
         parts.append(f"<p>{html.escape(GATE_NOTE)}</p>" + _html_table(gates))
@@ -168,6 +172,7 @@ def summary_table(run: Path | RunView) -> str:
     lines += metric_notes(view, metrics)
     lines += [""] + _text_table(data_table(view))
     lines += [f"gate failed: {f}" for f in gate_failures(view)]
+    lines += [f"loop ended: {f}" for f in gate_stops(view)]
     return "\n".join(lines)
 
 

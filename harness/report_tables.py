@@ -198,6 +198,13 @@ def gate_failures(view: RunView) -> list[str]:
             for m in view.models.values() if m.gate is not None for d in m.gate.decisions if not d.passed]
 
 
+def gate_stops(view: RunView) -> list[str]:
+    """``"iter_02: data/changed: fixed point: ..."`` where an iteration repeated the previous
+    one's training data (the loop ends there unless ``gate.stop_at_fixed_point`` is off)."""
+    return [f"{m.name}: {d.check}: {d.reason}" for m in view.models.values() if m.gate is not None
+            for d in [m.gate.fixed_point()] if d is not None]
+
+
 def gate_table(view: RunView) -> Table:
     """Every evaluation check of every gate: the paired change with its interval, the tolerance,
     what the comparison could have seen (MDE; blind, with the n it would need) and the outcome."""

@@ -218,7 +218,11 @@ class SlowEngine:
 def test_slowed_engine_fails_the_check(tiny_model, tmp_path):
     """Real rounds of the benchmark's generation workload on the tiny model: a 3x slower engine
     fails against a baseline from the normal engine; the normal engine passes against a baseline
-    from the slow one. Rounds alternate between the two so machine load hits both alike."""
+    from the slow one. Rounds alternate between the two so machine load hits both alike; they run
+    on one thread, since a busy neighbour stalls a multi-threaded step at its barriers by many
+    times its length, and five of each keep one stalled round from moving a median."""
+    import torch
+
     from benchmarks.workloads import engine_generate_round
     from pipeline.engine import SamplingParams, TransformersEngine
     from pipeline.models import load_model, load_tokenizer
@@ -228,11 +232,16 @@ def test_slowed_engine_fails_the_check(tiny_model, tmp_path):
     chats = [[{"role": "user", "content": "Why does ice float on water?"}],
              [{"role": "user", "content": "Explain what causes ocean tides."}]]
     params = SamplingParams(max_new_tokens=6)
-    engine_generate_round(engine, chats, params)  # warm-up
-    fast_rounds, slow_rounds = [], []
-    for _ in range(3):
-        fast_rounds.append(engine_generate_round(engine, chats, params))
-        slow_rounds.append(engine_generate_round(slow, chats, params))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine_generate_round(engine, chats, params)  # warm-up
+        fast_rounds, slow_rounds = [], []
+        for _ in range(5):
+            fast_rounds.append(engine_generate_round(engine, chats, params))
+            slow_rounds.append(engine_generate_round(slow, chats, params))
+    finally:
+        torch.set_num_threads(threads)
     assert all(r.new_tokens == 12 for r in fast_rounds + slow_rounds)  # fixed work: forced tokens
 
     fast_results, slow_results = results_from({"answer": fast_rounds}), results_from({"answer": slow_rounds})

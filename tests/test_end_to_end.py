@@ -47,8 +47,9 @@ def tiny_overrides(model: Path) -> dict:
                  "judge_trust": "assumed", "judge_calibration_pairs": 10,
                  "min_judge_accuracy": 0.5, "heldout_tasks": ["truthfulqa_mc1"], "heldout_limit": 2,
                  "max_new_tokens": 12, "batch_size": 4},
+        # The tiny curator may well select the same pairs twice; these tests want both iterations.
         "gate": {"metrics": [{"metric": "truthfulqa_mc1/acc", "abs_tol": 0.05},
-                             {"metric": "alpaca_eval/win_rate", "abs_tol": 5.0}]},
+                             {"metric": "alpaca_eval/win_rate", "abs_tol": 5.0}], "stop_at_fixed_point": False},
         "iterate": {"iterations": 2},
     }
 
@@ -262,6 +263,10 @@ def test_gates_written_and_passed(finished_run):
             assert d["level"] == pytest.approx(0.975) and d["blind"] is True and d["items_needed"] > d["n"]
         win = next(d for d in g["decisions"] if d["check"] == "alpaca_eval/win_rate")
         assert win["signal"] == f"head-to-head vs iter_{t - 1:02d}" and win["n"] == 3
+        changed = [d for d in g["decisions"] if d["check"] == "data/changed"]
+        # iteration 1 has no earlier selection to repeat; iteration 2 says whether it repeated iteration 1's
+        assert (changed == []) if t == 1 else (changed[0]["outcome"] in ("changed", "fixed point")
+                                                and changed[0]["passed"])
     h2h = json.loads((run.root / "iter_02" / "head_to_head" / "head_to_head.json").read_text())
     assert set(h2h["against"]) == {"iter_00", "iter_01"}
     report = (run.root / "report.md").read_text()
@@ -295,6 +300,30 @@ def test_failing_data_gate_stops_with_exit_status(finished_run, tiny_model, tmp_
     assert main(["gate", str(run.root)]) == EXIT_GATE  # re-decided from disk: still failing
     restored = load_config(write_config(tmp_path, tiny_model))
     iterate(restored, open_run(restored, run.root))  # restore the run and its config.yaml
+
+
+def test_a_repeated_selection_ends_the_loop_as_a_fixed_point(tiny_model, tmp_path, capsys):
+    """select.k=all keeps every candidate in both iterations: iteration 2 would train M2 on exactly
+    M1's data, so the loop ends after iter_02/select, successfully, and says why; with
+    gate.stop_at_fixed_point=false it trains M2 anyway."""
+    args = ["iterate", "--config", str(write_config(tmp_path, tiny_model)), "--run-dir", str(tmp_path / "r"),
+            "select.k=all", "eval.enabled=false"]
+    assert main(args + ["gate.stop_at_fixed_point=true"]) == 0
+    out = capsys.readouterr().out
+    assert "the loop ended at iter_02, before fine-tuning: fixed point" in out
+    root = tmp_path / "r"
+    assert (root / "iter_02" / "select" / DONE).exists() and not (root / "iter_02" / "finetune").exists()
+    gate_file = json.loads((root / "iter_02" / "gate.json").read_text())
+    fixed = next(d for d in gate_file["decisions"] if d["check"] == "data/changed")
+    assert gate_file["passed"] and fixed["outcome"] == "fixed point"
+    assert "iter_02 selected exactly iter_01's training data" in fixed["reason"]
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["stopped"]["iteration"] == 2
+    assert "- iter_02: data/changed: fixed point" in (root / "report.md").read_text()
+
+    assert main(args + ["gate.stop_at_fixed_point=false"]) == 0
+    assert (root / "iter_02" / "finetune" / DONE).exists()
+    assert "stopped" not in json.loads((root / "summary.json").read_text())
 
 
 def test_gate_command_redecides_from_disk(finished_run, tmp_path, capsys):

@@ -153,3 +153,40 @@ def test_augment_yield_gate_names_the_reasons():
     assert d.reason.startswith("0.48 of 48 segments got no usable instruction, above the maximum 0.4")
     assert "reasons: unfinished 21, echo 2" in d.reason and "augment/rejects.jsonl" in d.reason
     assert not augment_yield_check({}, 0.5).passed  # missing stats never pass silently
+
+
+def _select_stage(root, t, rows):
+    """A committed select stage of iteration ``t`` holding ``rows``, as the run view reads it."""
+    from harness.rundir import DONE
+    from harness.runview import _stage
+
+    folder = root / f"iter_{t:02d}" / "select"
+    folder.mkdir(parents=True)
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "manifest.json").write_text(json.dumps({"stage": f"iter_{t:02d}/select", "stats": {"selected": len(rows)}}))
+    (folder / DONE).touch()
+    return _stage(root, folder / "manifest.json")
+
+
+def test_selection_change_check_tells_a_fixed_point_from_a_change(tmp_path):
+    from harness.gate import CHANGED, FIXED_POINT, selection_change_check
+
+    rows = [{"segment_id": f"s{i}", "instruction": f"q{i}", "response": f"a{i}", "score": 4.0} for i in range(4)]
+    rescored = [{**r, "score": 2.5} for r in rows]  # scores are not trained on
+    one, same = _select_stage(tmp_path / "a", 1, rows), _select_stage(tmp_path / "a", 2, rescored)
+    fixed = selection_change_check(tmp_path / "a", 2, same, one)
+    assert fixed.passed and fixed.outcome == FIXED_POINT and "4 of its 4 pairs" in fixed.reason
+    assert decide([fixed]).fixed_point() is fixed
+
+    other = _select_stage(tmp_path / "b", 2, rows[1:] + [{**rows[0], "segment_id": "s9"}])
+    first = _select_stage(tmp_path / "b", 1, rows)
+    changed = selection_change_check(tmp_path / "b", 2, other, first)
+    assert changed.passed and changed.outcome == CHANGED and decide([changed]).fixed_point() is None
+    assert "3 of its 4 pairs were selected by iter_01 too (1 of iter_01's 4 dropped)" in changed.reason
+    # the same pairs in another order, or one response edited, train another model: not a fixed point
+    for i, variant in enumerate([rows[::-1], rows[:3] + [{**rows[3], "response": "other"}]]):
+        root = tmp_path / f"c{i}"
+        current, previous = _select_stage(root, 2, variant), _select_stage(root, 1, rows)
+        assert selection_change_check(root, 2, current, previous).outcome == CHANGED
+    # iteration 1 follows M0, which trained on the seed alone: nothing to repeat
+    assert selection_change_check(tmp_path / "a", 1, one, None) is None
