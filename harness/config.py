@@ -115,6 +115,10 @@ class GateSection(Section):
     half, while an 8-segment demo losing 10% on average crosses it with probability about 0.5%."""
     max_contamination_rate: float = Field(0.05, ge=0, le=1)
     """Share of selected pairs that overlapped an evaluation prompt (they are dropped either way)."""
+    on_unfiltered: Literal["continue", "stop"] = "continue"
+    """What a curation whose threshold left out no scored candidate does (the ``curation/filtered``
+    check; ``select.k: all`` is exempt): the loop goes on and the log, summary and report say so, or
+    the gate fails before M_t is trained on uncurated data."""
     stop_at_fixed_point: bool = True
     """From iteration 2 on, a selection byte-identical to the previous iteration's means M_t would
     repeat M_{t-1} (same base, data, settings and seed) and so would every later iteration: the

@@ -41,6 +41,8 @@ PASS, REGRESSION, INCONCLUSIVE, REFUSED, MISSING, NO_BASELINE = (
 FIXED_POINT, CHANGED = "fixed point", "changed"
 """Outcomes of the ``data/changed`` check: did curation with M_{t-1} select other data than the
 iteration before it?"""
+FILTERED, UNFILTERED = "filtered", "unfiltered"
+"""Outcomes of the ``curation/filtered`` check: did the threshold k leave out any scored pair?"""
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,10 @@ class GateResult:
         """The ``data/changed`` decision when this iteration repeated the previous one's data."""
         return next((d for d in self.decisions if d.outcome == FIXED_POINT), None)
 
+    def unfiltered(self) -> Decision | None:
+        """The ``curation/filtered`` decision when the threshold left out no scored candidate."""
+        return next((d for d in self.decisions if d.outcome == UNFILTERED), None)
+
     def as_dict(self) -> dict[str, Any]:
         """What ``gate.json`` holds."""
         decisions = [{k: v for i, (k, v) in enumerate(asdict(d).items()) if i < 6 or v is not None}
@@ -334,6 +340,36 @@ SELECTED = "data.jsonl"
 """The select stage's training pairs."""
 
 
+def curation_filter_check(root: Path, t: int, select: Stage | None, on_unfiltered: str) -> Decision | None:
+    """Did iteration ``t``'s threshold leave out any scored candidate? (None without a committed
+    select stage, without candidates, or with ``select.k: all``, which is uncurated by design.)
+
+    A k at or below every candidate's score makes the selection the augmented set minus only its
+    unscored, flagged and contaminated pairs: M_t then measures no curation, whatever the report's
+    row label says. The decision passes unless ``on_unfiltered`` is ``stop``; its outcome,
+    ``filtered`` or ``unfiltered``, is said in the log, the summary, the report and MLflow."""
+    stats = select.stats if select is not None and select.done else None
+    if not stats or stats.get("k") == "all" or not stats.get("candidates"):
+        return None
+    below, capped = stats.get("below_k") or 0, stats.get("capped") or 0
+    candidates, scored = stats["candidates"], stats["candidates"] - (stats.get("unscored") or 0) - (
+        stats.get("flagged") or 0)
+    k = stats.get("k")
+    if below or capped:
+        return Decision("curation/filtered", True,
+                        f"k={_g(k)} left out {below} of {scored} scored candidates"
+                        + (f" and select.max_pairs {capped} more" if capped else ""), below + capped, None,
+                        k if isinstance(k, (int, float)) else None, outcome=FILTERED)
+    scores = [r.get("score") for r in read_jsonl(root / select.name / SELECTED)]
+    lowest = min((s for s in scores if isinstance(s, (int, float))), default=None)
+    return Decision("curation/filtered", on_unfiltered != "stop",
+                    f"unfiltered: k={_g(k)} is at or below every scored candidate's score (lowest kept "
+                    f"{_g(lowest)}), so iter_{t:02d} kept all {scored} scored of {candidates} candidates and "
+                    f"M_{t} trains on augmented data that curation did not filter; a higher select.k, or a "
+                    f"calibrated k from more curate.calibration_pairs, would filter", 0, None,
+                    k if isinstance(k, (int, float)) else None, outcome=UNFILTERED)
+
+
 def _training_pairs(path: Path) -> list[tuple[str, str, str]]:
     """(segment id, instruction, response) in file order: what fine-tuning reads of a selection."""
     return [(str(r.get("segment_id")), str(r.get("instruction")), str(r.get("response"))) for r in read_jsonl(path)]
@@ -361,6 +397,9 @@ def decide_iteration(view: RunView, cfg: RunConfig, t: int, evaluated: bool) -> 
                                      view.stages.get(f"iter_{t - 1:02d}/select"))
     if changed is not None:
         decisions.append(changed)
+    filtered = curation_filter_check(Path(view.root), t, view.stages.get(f"iter_{t:02d}/select"), cfg.gate.on_unfiltered)
+    if filtered is not None:
+        decisions.append(filtered)
     augment = view.stages.get("augment")
     if augment is not None:
         decisions.append(augment_yield_check(augment.stats, cfg.gate.max_augment_reject_rate))

@@ -139,7 +139,7 @@ def check_gate(run: RunDir, cfg: RunConfig, t: int, evaluated: bool) -> gate.Gat
     result = gate.decide_iteration(read_run(run.root, strict=True), cfg, t, evaluated)
     gate.write_gate(run.root, t, result)
     for d in result.decisions:
-        loud = not d.passed or d.outcome == gate.INCONCLUSIVE or d.blind
+        loud = not d.passed or d.outcome in (gate.INCONCLUSIVE, gate.UNFILTERED) or d.blind
         (log.warning if loud else log.info)("gate iter_%02d %s: %s", t, "pass" if d.passed else "FAIL", d.message())
     if not result.passed:
         raise GateFailed(t, result)
@@ -224,6 +224,9 @@ def summarize(run: RunDir, cfg: RunConfig) -> dict[str, Any]:
         fixed = model.gate.fixed_point() if model.gate is not None else None
         if fixed is not None and cfg.gate.stop_at_fixed_point:
             out["stopped"] = {"iteration": int(name[5:]), "reason": fixed.reason}
+        unfiltered = model.gate.unfiltered() if model.gate is not None else None
+        if unfiltered is not None:
+            out.setdefault("unfiltered", []).append({"iteration": int(name[5:]), "reason": unfiltered.reason})
     return out
 
 
@@ -236,6 +239,8 @@ def format_summary(summary: dict[str, Any]) -> str:
                 "position_bias", "trusted")
         counts = ", ".join(f"{k}={json.dumps(stats[k])}" for k in keys if k in stats)
         lines.append(f"{name:<20} {info['seconds']:>8.1f}  {counts}")
+    for note in summary.get("unfiltered", []):
+        lines += ["", f"iter_{note['iteration']:02d}'s curation filtered nothing: {note['reason']}"]
     if "stopped" in summary:
         stop = summary["stopped"]
         lines += ["", f"the loop ended at iter_{stop['iteration']:02d}, before fine-tuning: {stop['reason']}"]

@@ -37,7 +37,7 @@ BASE_STEP = -1
 MAX_TAG_CHARS = 5000
 RESOURCE_STAGES = ("curate", "select", "finetune", "eval")
 
-LOGGED_METRICS_VERSION = "5"
+LOGGED_METRICS_VERSION = "6"
 """Part of every model's fingerprint: raised when the metrics logged from the same files change
 (2: ``resources/*``), so a run logged by an older harness is brought up to date."""
 
@@ -209,6 +209,9 @@ def iteration_tags(view: RunView, model: ModelView) -> dict[str, str]:
         fixed = model.gate.fixed_point()
         if fixed is not None:  # this iteration repeated the previous one's data (see gate.stop_at_fixed_point)
             tags["gate.fixed_point"] = fixed.reason[:MAX_TAG_CHARS]
+        unfiltered = model.gate.unfiltered()
+        if unfiltered is not None:  # the threshold left out no scored candidate (see gate.on_unfiltered)
+            tags["gate.unfiltered"] = unfiltered.reason[:MAX_TAG_CHARS]
     return tags
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from harness.report_plots import write_plots
 from harness.report_tables import (LC_GLM_NOTES, Table, data_table, gate_failures, gate_stops, gate_table,
                                    head_to_head_table, metric_cell, metric_notes,
-                                   metric_table, peak_memory, stage_table)
+                                   metric_table, peak_memory, stage_table, unfiltered_curations)
 from harness.runview import RunView, as_view
 from pipeline import faults
 from pipeline.io import write_text_atomic
@@ -93,6 +93,7 @@ def render_markdown(view: RunView, plots: list[Path]) -> str:
     failures = gate_failures(view)
     lines += ["", "## Gates", ""] + ([f"- {f}" for f in failures] or ["No gate failed."])
     lines += [f"- {f}" for f in gate_stops(view)]
+    lines += [f"- {f}" for f in unfiltered_curations(view)]
     gates = gate_table(view)
     if gates[1]:
         lines += ["", GATE_NOTE, ""] + _md_table(gates)
@@ -136,7 +137,7 @@ def render_html(view: RunView, plots: list[Path]) -> str:
     failures = gate_failures(view)
     parts.append("<h2>Gates</h2><ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in failures) + "</ul>"
                  if failures else "<h2>Gates</h2><p>No gate failed.</p>")
-    stops = gate_stops(view)
+    stops = gate_stops(view) + unfiltered_curations(view)
     if stops:
         parts.append("<ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in stops) + "</ul>")
     gates = gate_table(view)
@@ -173,6 +174,7 @@ def summary_table(run: Path | RunView) -> str:
     lines += [""] + _text_table(data_table(view))
     lines += [f"gate failed: {f}" for f in gate_failures(view)]
     lines += [f"loop ended: {f}" for f in gate_stops(view)]
+    lines += [f"curation filtered nothing: {f}" for f in unfiltered_curations(view)]
     return "\n".join(lines)
 
 

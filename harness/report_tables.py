@@ -205,6 +205,13 @@ def gate_stops(view: RunView) -> list[str]:
             for d in [m.gate.fixed_point()] if d is not None]
 
 
+def unfiltered_curations(view: RunView) -> list[str]:
+    """``"iter_01: curation/filtered: unfiltered: ..."`` where the threshold left out no scored
+    candidate, so that iteration trained on augmented data curation did not filter."""
+    return [f"{m.name}: {d.check}: {d.reason}" for m in view.models.values() if m.gate is not None
+            for d in [m.gate.unfiltered()] if d is not None]
+
+
 def gate_table(view: RunView) -> Table:
     """Every evaluation check of every gate: the paired change with its interval, the tolerance,
     what the comparison could have seen (MDE; blind, with the n it would need) and the outcome."""

@@ -326,6 +326,27 @@ def test_a_repeated_selection_ends_the_loop_as_a_fixed_point(tiny_model, tmp_pat
     assert "stopped" not in json.loads((root / "summary.json").read_text())
 
 
+def test_a_threshold_below_every_score_is_reported_as_unfiltered(tiny_model, tmp_path, capsys):
+    """select.k=1 is at or below every expected score (1-5): curation filters nothing. By default
+    the loop goes on and says so; gate.on_unfiltered=stop fails the gate before M1 is trained."""
+    args = ["iterate", "--config", str(write_config(tmp_path, tiny_model)), "--run-dir", str(tmp_path / "r"),
+            "select.k=1", "eval.enabled=false", "iterate.iterations=1"]
+    root = tmp_path / "r"
+    assert main(args + ["gate.on_unfiltered=stop"]) == EXIT_GATE
+    err = capsys.readouterr().err
+    assert "iteration 1 failed its gate" in err and "curation/filtered" in err and "unfiltered: k=1 " in err
+    assert (root / "iter_01" / "select" / DONE).exists() and not (root / "iter_01" / "finetune").exists()
+
+    assert main(args) == 0  # the default goes on, and says so in the summary, the report and the gate file
+    assert "iter_01's curation filtered nothing: unfiltered: k=1 is at or below" in capsys.readouterr().out
+    assert (root / "iter_01" / "finetune" / DONE).exists()
+    gate_file = json.loads((root / "iter_01" / "gate.json").read_text())
+    d = next(d for d in gate_file["decisions"] if d["check"] == "curation/filtered")
+    assert gate_file["passed"] and d["outcome"] == "unfiltered"
+    assert json.loads((root / "summary.json").read_text())["unfiltered"][0]["iteration"] == 1
+    assert "- iter_01: curation/filtered: unfiltered" in (root / "report.md").read_text()
+
+
 def test_gate_command_redecides_from_disk(finished_run, tmp_path, capsys):
     """An evaluator found untrusted after the fact: ``humpback gate`` refuses the comparison."""
     import shutil

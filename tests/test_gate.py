@@ -155,7 +155,7 @@ def test_augment_yield_gate_names_the_reasons():
     assert not augment_yield_check({}, 0.5).passed  # missing stats never pass silently
 
 
-def _select_stage(root, t, rows):
+def _select_stage(root, t, rows, stats=None):
     """A committed select stage of iteration ``t`` holding ``rows``, as the run view reads it."""
     from harness.rundir import DONE
     from harness.runview import _stage
@@ -163,7 +163,8 @@ def _select_stage(root, t, rows):
     folder = root / f"iter_{t:02d}" / "select"
     folder.mkdir(parents=True)
     (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "manifest.json").write_text(json.dumps({"stage": f"iter_{t:02d}/select", "stats": {"selected": len(rows)}}))
+    (folder / "manifest.json").write_text(json.dumps({"stage": f"iter_{t:02d}/select",
+                                                            "stats": stats or {"selected": len(rows)}}))
     (folder / DONE).touch()
     return _stage(root, folder / "manifest.json")
 
@@ -190,3 +191,31 @@ def test_selection_change_check_tells_a_fixed_point_from_a_change(tmp_path):
         assert selection_change_check(root, 2, current, previous).outcome == CHANGED
     # iteration 1 follows M0, which trained on the seed alone: nothing to repeat
     assert selection_change_check(tmp_path / "a", 1, one, None) is None
+
+
+def test_curation_filter_check_says_when_the_threshold_left_out_nothing(tmp_path):
+    from harness.gate import FILTERED, UNFILTERED, curation_filter_check
+
+    rows = [{"segment_id": f"s{i}", "instruction": f"q{i}", "response": f"a{i}", "score": s}
+            for i, s in enumerate([2.0, 2.4, 3.1])]
+    base = {"candidates": 5, "selected": 3, "unscored": 1, "flagged": 1, "capped": 0, "k": 1.906}
+    # k below every score: the unscored and flagged pairs went, but no scored pair was left out
+    kept_all = _select_stage(tmp_path / "a", 1, rows, {**base, "below_k": 0})
+    d = curation_filter_check(tmp_path / "a", 1, kept_all, "continue")
+    assert d.passed and d.outcome == UNFILTERED and decide([d]).unfiltered() is d
+    assert "k=1.906 is at or below every scored candidate's score (lowest kept 2)" in d.reason
+    assert "kept all 3 scored of 5 candidates" in d.reason
+    assert not curation_filter_check(tmp_path / "a", 1, kept_all, "stop").passed  # gate.on_unfiltered: stop
+
+    some = _select_stage(tmp_path / "b", 1, rows, {**base, "k": 2.2, "selected": 2, "below_k": 1})
+    d = curation_filter_check(tmp_path / "b", 1, some, "stop")
+    assert d.passed and d.outcome == FILTERED and d.reason == "k=2.2 left out 1 of 3 scored candidates"
+    assert decide([d]).unfiltered() is None
+    capped = _select_stage(tmp_path / "c", 1, rows, {**base, "below_k": 0, "capped": 2})
+    assert curation_filter_check(tmp_path / "c", 1, capped, "stop").outcome == FILTERED  # max_pairs filters by score
+    # select.k: all is uncurated on purpose, and an empty or missing selection has nothing to say
+    uncurated = _select_stage(tmp_path / "d", 1, rows, {**base, "k": "all", "below_k": 0})
+    assert curation_filter_check(tmp_path / "d", 1, uncurated, "stop") is None
+    empty = _select_stage(tmp_path / "e", 1, [], {**base, "candidates": 0, "below_k": 0})
+    assert curation_filter_check(tmp_path / "e", 1, empty, "stop") is None
+    assert curation_filter_check(tmp_path / "f", 1, None, "stop") is None

@@ -79,6 +79,9 @@ def make_run(root: Path, name: str = "demo", gates: dict[int, bool] | None = Non
         passed = gates[t]
         decisions = [{"check": WIN, "passed": passed, "reason": "ok" if passed else "dropped from 0.5 to 0.3",
                       "current": 0.4, "baseline": 0.5, "threshold": 0.1}]
+        if t == 2:  # a curation whose threshold left out no scored pair (harness.gate.curation_filter_check)
+            decisions.append({"check": "curation/filtered", "passed": True, "outcome": "unfiltered",
+                              "reason": "unfiltered: k=1.9 is at or below every scored candidate's score"})
         _write(it / "gate.json", {"passed": passed, "baseline": "iter_00", "decisions": decisions})
     return run
 
@@ -140,6 +143,7 @@ def test_parent_children_params_metrics_and_artifacts(tmp_path, store):
     child2 = client.get_run(out["child_run_ids"]["iter_02"])
     assert child2.data.tags["gate.passed"] == "false"
     assert "dropped from 0.5 to 0.3" in child2.data.tags["gate.reason"]
+    assert child2.data.tags["gate.unfiltered"].startswith("unfiltered: k=1.9") and "gate.unfiltered" not in child1.data.tags
 
     arts = {a.path for a in client.list_artifacts(child1.info.run_id, "select")}
     assert arts == {"select/manifest.json", "select/sample.jsonl"}
