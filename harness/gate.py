@@ -357,8 +357,9 @@ def curation_filter_check(root: Path, t: int, select: Stage | None, on_unfiltere
     k = stats.get("k")
     if below or capped:
         return Decision("curation/filtered", True,
-                        f"k={_g(k)} left out {below} of {scored} scored candidates"
-                        + (f" and select.max_pairs {capped} more" if capped else ""), below + capped, None,
+                        f"{below + capped} of {scored} scored candidates left out: {below} below k={_g(k)}"
+                        + (f", {capped} beyond select.max_pairs (the lowest scored above k)" if capped else ""),
+                        below + capped, None,
                         k if isinstance(k, (int, float)) else None, outcome=FILTERED)
     scores = [r.get("score") for r in read_jsonl(root / select.name / SELECTED)]
     lowest = min((s for s in scores if isinstance(s, (int, float))), default=None)

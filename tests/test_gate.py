@@ -209,10 +209,12 @@ def test_curation_filter_check_says_when_the_threshold_left_out_nothing(tmp_path
 
     some = _select_stage(tmp_path / "b", 1, rows, {**base, "k": 2.2, "selected": 2, "below_k": 1})
     d = curation_filter_check(tmp_path / "b", 1, some, "stop")
-    assert d.passed and d.outcome == FILTERED and d.reason == "k=2.2 left out 1 of 3 scored candidates"
+    assert d.passed and d.outcome == FILTERED and d.reason == "1 of 3 scored candidates left out: 1 below k=2.2"
     assert decide([d]).unfiltered() is None
     capped = _select_stage(tmp_path / "c", 1, rows, {**base, "below_k": 0, "capped": 2})
-    assert curation_filter_check(tmp_path / "c", 1, capped, "stop").outcome == FILTERED  # max_pairs filters by score
+    d = curation_filter_check(tmp_path / "c", 1, capped, "stop")  # select.max_pairs filters by score too
+    assert d.outcome == FILTERED and d.current == 2
+    assert d.reason == "2 of 3 scored candidates left out: 0 below k=1.906, 2 beyond select.max_pairs (the lowest scored above k)"
     # select.k: all is uncurated on purpose, and an empty or missing selection has nothing to say
     uncurated = _select_stage(tmp_path / "d", 1, rows, {**base, "k": "all", "below_k": 0})
     assert curation_filter_check(tmp_path / "d", 1, uncurated, "stop") is None
