@@ -325,8 +325,8 @@ def selection_change_check(root: Path, t: int, current: Stage | None, previous: 
         return None
     now, before = _training_pairs(root / current.name / SELECTED), _training_pairs(root / previous.name / SELECTED)
     ids_now, ids_before = {p[0] for p in now}, {p[0] for p in before}
-    overlap = (f"{len(ids_now & ids_before)} of its {len(now)} pairs were selected by iter_{t - 1:02d} too "
-               f"({len(ids_before - ids_now)} of iter_{t - 1:02d}'s {len(before)} dropped)")
+    overlap = (f"{len(ids_now & ids_before)} of its {len(now)} pairs were selected by iter_{t - 1:02d} too, "
+               f"{len(ids_before - ids_now)} of iter_{t - 1:02d}'s {len(before)} dropped")
     if now == before:
         return Decision("data/changed", True,
                         f"fixed point: iter_{t:02d} selected exactly iter_{t - 1:02d}'s training data ({overlap}; "
@@ -365,9 +365,9 @@ def curation_filter_check(root: Path, t: int, select: Stage | None, on_unfiltere
     lowest = min((s for s in scores if isinstance(s, (int, float))), default=None)
     return Decision("curation/filtered", on_unfiltered != "stop",
                     f"unfiltered: k={_g(k)} is at or below every scored candidate's score (lowest kept "
-                    f"{_g(lowest)}), so iter_{t:02d} kept all {scored} scored of {candidates} candidates and "
-                    f"M_{t} trains on augmented data that curation did not filter; a higher select.k, or a "
-                    f"calibrated k from more curate.calibration_pairs, would filter", 0, None,
+                    f"{_g(lowest)}), so iter_{t:02d} kept all {scored} scored of {candidates} candidates: its "
+                    f"selection is the augmented data, unfiltered; a higher select.k, or a calibrated k from more "
+                    f"curate.calibration_pairs, would filter", 0, None,
                     k if isinstance(k, (int, float)) else None, outcome=UNFILTERED)
 
 

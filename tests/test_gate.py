@@ -183,7 +183,7 @@ def test_selection_change_check_tells_a_fixed_point_from_a_change(tmp_path):
     first = _select_stage(tmp_path / "b", 1, rows)
     changed = selection_change_check(tmp_path / "b", 2, other, first)
     assert changed.passed and changed.outcome == CHANGED and decide([changed]).fixed_point() is None
-    assert "3 of its 4 pairs were selected by iter_01 too (1 of iter_01's 4 dropped)" in changed.reason
+    assert "3 of its 4 pairs were selected by iter_01 too, 1 of iter_01's 4 dropped" in changed.reason
     # the same pairs in another order, or one response edited, train another model: not a fixed point
     for i, variant in enumerate([rows[::-1], rows[:3] + [{**rows[3], "response": "other"}]]):
         root = tmp_path / f"c{i}"
@@ -204,7 +204,7 @@ def test_curation_filter_check_says_when_the_threshold_left_out_nothing(tmp_path
     d = curation_filter_check(tmp_path / "a", 1, kept_all, "continue")
     assert d.passed and d.outcome == UNFILTERED and decide([d]).unfiltered() is d
     assert "k=1.906 is at or below every scored candidate's score (lowest kept 2)" in d.reason
-    assert "kept all 3 scored of 5 candidates" in d.reason
+    assert "kept all 3 scored of 5 candidates: its selection is the augmented data, unfiltered" in d.reason
     assert not curation_filter_check(tmp_path / "a", 1, kept_all, "stop").passed  # gate.on_unfiltered: stop
 
     some = _select_stage(tmp_path / "b", 1, rows, {**base, "k": 2.2, "selected": 2, "below_k": 1})
