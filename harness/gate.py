@@ -217,13 +217,17 @@ class GateResult:
     def failures(self) -> list[Decision]:
         return [d for d in self.decisions if not d.passed]
 
+    def with_outcome(self, outcome: str) -> Decision | None:
+        """The first decision whose outcome is ``outcome``, if any."""
+        return next((d for d in self.decisions if d.outcome == outcome), None)
+
     def fixed_point(self) -> Decision | None:
         """The ``data/changed`` decision when this iteration repeated the previous one's data."""
-        return next((d for d in self.decisions if d.outcome == FIXED_POINT), None)
+        return self.with_outcome(FIXED_POINT)
 
     def unfiltered(self) -> Decision | None:
         """The ``curation/filtered`` decision when the threshold left out no scored candidate."""
-        return next((d for d in self.decisions if d.outcome == UNFILTERED), None)
+        return self.with_outcome(UNFILTERED)
 
     def as_dict(self) -> dict[str, Any]:
         """What ``gate.json`` holds."""
@@ -349,9 +353,9 @@ def curation_filter_check(root: Path, t: int, select: Stage | None, on_unfiltere
     row label says. The decision passes unless ``on_unfiltered`` is ``stop``; its outcome,
     ``filtered`` or ``unfiltered``, is said in the log, the summary, the report and MLflow."""
     stats = select.stats if select is not None and select.done else None
-    if not stats or stats.get("k") == "all" or not stats.get("candidates"):
-        return None
-    below, capped = stats.get("below_k") or 0, stats.get("capped") or 0
+    if not stats or stats.get("k") == "all" or not stats.get("candidates") or "below_k" not in stats:
+        return None  # (without below_k the selection's stats cannot tell: no guess either way)
+    below, capped = stats["below_k"], stats.get("capped") or 0
     candidates, scored = stats["candidates"], stats["candidates"] - (stats.get("unscored") or 0) - (
         stats.get("flagged") or 0)
     k = stats.get("k")

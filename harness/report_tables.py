@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from harness.gate import Metric
+from harness.gate import FIXED_POINT, UNFILTERED, Metric
 from harness.runview import MeanStd, ModelView, RunView, Stage
 
 DASH = "–"
@@ -198,18 +198,22 @@ def gate_failures(view: RunView) -> list[str]:
             for m in view.models.values() if m.gate is not None for d in m.gate.decisions if not d.passed]
 
 
+def _gate_outcomes(view: RunView, outcome: str) -> list[str]:
+    """``"iter_02: <check>: <reason>"`` for each gate's decision with that outcome."""
+    return [f"{m.name}: {d.check}: {d.reason}" for m in view.models.values() if m.gate is not None
+            for d in [m.gate.with_outcome(outcome)] if d is not None]
+
+
 def gate_stops(view: RunView) -> list[str]:
     """``"iter_02: data/changed: fixed point: ..."`` where an iteration repeated the previous
     one's training data (the loop ends there unless ``gate.stop_at_fixed_point`` is off)."""
-    return [f"{m.name}: {d.check}: {d.reason}" for m in view.models.values() if m.gate is not None
-            for d in [m.gate.fixed_point()] if d is not None]
+    return _gate_outcomes(view, FIXED_POINT)
 
 
 def unfiltered_curations(view: RunView) -> list[str]:
     """``"iter_01: curation/filtered: unfiltered: ..."`` where the threshold left out no scored
-    candidate, so that iteration trained on augmented data curation did not filter."""
-    return [f"{m.name}: {d.check}: {d.reason}" for m in view.models.values() if m.gate is not None
-            for d in [m.gate.unfiltered()] if d is not None]
+    candidate, so that iteration's selection is the augmented data, unfiltered."""
+    return _gate_outcomes(view, UNFILTERED)
 
 
 def gate_table(view: RunView) -> Table:

@@ -221,3 +221,6 @@ def test_curation_filter_check_says_when_the_threshold_left_out_nothing(tmp_path
     empty = _select_stage(tmp_path / "e", 1, [], {**base, "candidates": 0, "below_k": 0})
     assert curation_filter_check(tmp_path / "e", 1, empty, "stop") is None
     assert curation_filter_check(tmp_path / "f", 1, None, "stop") is None
+    # stats that do not say how many pairs fell below k give no verdict rather than a guess
+    unknown = _select_stage(tmp_path / "g", 1, rows, base)
+    assert curation_filter_check(tmp_path / "g", 1, unknown, "stop") is None
